@@ -1,0 +1,213 @@
+"""manifest.json: what launch.prepare wrote, and the contract the loader checks shards against.
+
+Paths inside are relative to the manifest's folder, so a prepared dataset can be moved or copied as a whole.
+Nothing time- or machine-dependent is recorded: the same inputs give a byte-identical manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "cloze-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ID_DTYPES = ("uint16", "uint32")
+_RERUN = "re-run `python -m launch.prepare` to rebuild the dataset"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One tar shard as written."""
+
+    file: str
+    """File name relative to the manifest's folder."""
+    samples: int
+    """Documents (tar members `<key>.ids`) in the shard."""
+    tokens: int
+    """Token ids in the shard, specials not included."""
+    bytes: int
+    """Exact file size."""
+    sha256: str
+    """Hex SHA-256 of the file."""
+
+    def __post_init__(self) -> None:
+        if self.samples < 0 or self.tokens < 0 or self.bytes <= 0:
+            raise ValueError(f"shard {self.file}: negative counts or empty file in the manifest")
+
+
+@dataclass
+class Manifest:
+    """The parsed manifest; `root` is the folder it lives in (not stored in the file)."""
+
+    id_dtype: str
+    """numpy dtype name of the ids in every shard, little-endian ('uint16' or 'uint32')."""
+    vocab_size: int
+    """Every id is below this."""
+    tokenizer_relpath: str
+    """SentencePiece model, relative to root (the manifest's tokenizer.path)."""
+    tokenizer_sha256: str
+    """Hex SHA-256 of that model file."""
+    special_ids: dict[str, int]
+    """Token name ('[CLS]', ...) -> id."""
+    documents: int
+    """Documents written (non-empty)."""
+    tokens: int
+    """Token ids written, specials not included."""
+    empty_documents: int
+    """Documents skipped because they had no text."""
+    skipped_documents: int
+    """Documents skipped because they could not be decoded."""
+    shards: list[ShardInfo]
+    """In write order."""
+    root: Path = field(default=Path("."), compare=False)
+    """Folder of manifest.json; shard and tokenizer paths are relative to it."""
+
+    def __post_init__(self) -> None:
+        if self.id_dtype not in ID_DTYPES:
+            raise ValueError(f"id_dtype={self.id_dtype!r} must be one of {ID_DTYPES}")
+        if self.vocab_size < 1 or (self.id_dtype == "uint16" and self.vocab_size > 2**16):
+            raise ValueError(f"vocab_size={self.vocab_size} does not fit id_dtype {self.id_dtype}")
+        if sum(s.samples for s in self.shards) != self.documents:
+            raise ValueError(f"documents={self.documents} differs from the sum of the shards' samples")
+        if sum(s.tokens for s in self.shards) != self.tokens:
+            raise ValueError(f"tokens={self.tokens} differs from the sum of the shards' tokens")
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.root / s.file for s in self.shards]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The SentencePiece model file (root / tokenizer_relpath); the HF tokenizer files sit beside it."""
+        return self.root / self.tokenizer_relpath
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "id_dtype": self.id_dtype,
+            "vocab_size": self.vocab_size,
+            "tokenizer": {"path": self.tokenizer_relpath, "sha256": self.tokenizer_sha256},
+            "special_ids": dict(self.special_ids),
+            "totals": {
+                "documents": self.documents,
+                "tokens": self.tokens,
+                "empty_documents": self.empty_documents,
+                "skipped_documents": self.skipped_documents,
+                "shards": len(self.shards),
+            },
+            "shards": [asdict(s) for s in self.shards],
+        }
+
+
+def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
+    """Write out_dir/manifest.json atomically (a reader never sees half a manifest)."""
+    path = Path(out_dir) / MANIFEST_NAME
+    tmp = path.with_name(MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _get(obj: Any, key: str, kind: type | tuple[type, ...], where: str, path: Path) -> Any:
+    """obj[key] checked for presence and type; errors name the field as `where.key`."""
+    name = f"{where}.{key}" if where else key
+    if not isinstance(obj, dict) or key not in obj:
+        raise ValueError(f"{path}: missing field {name!r}; {_RERUN}")
+    value = obj[key]
+    # bool is an int subclass; a count of `true` is still wrong
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ValueError(f"{path}: field {name!r} should be {want}, got {type(value).__name__}; {_RERUN}")
+    return value
+
+
+def load_manifest(dir_or_file: str | os.PathLike, verify_hashes: bool = False) -> Manifest:
+    """Read and validate a manifest: fields, tokenizer hash, every shard present with its recorded size.
+
+    verify_hashes also re-hashes every shard (reads all data; off by default because it costs a full pass).
+    """
+    path = Path(dir_or_file)
+    if path.is_dir() or not path.suffix:
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(f"manifest {path} not found; run `python -m launch.prepare --out {path.parent} ...` first")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {_RERUN}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object; {_RERUN}")
+    if _get(raw, "format", str, "", path) != FORMAT:
+        raise ValueError(f"{path}: field 'format' is {raw['format']!r}, expected {FORMAT!r}")
+    version = _get(raw, "format_version", int, "", path)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version} is not supported (this cloze reads {FORMAT_VERSION}); "
+                         f"{_RERUN}")
+    tokenizer = _get(raw, "tokenizer", dict, "", path)
+    totals = _get(raw, "totals", dict, "", path)
+    special = _get(raw, "special_ids", dict, "", path)
+    for key in special:
+        _get(special, key, int, "special_ids", path)
+    shards = []
+    for i, entry in enumerate(_get(raw, "shards", list, "", path)):
+        where = f"shards[{i}]"
+        shards.append(ShardInfo(
+            file=_get(entry, "file", str, where, path),
+            samples=_get(entry, "samples", int, where, path),
+            tokens=_get(entry, "tokens", int, where, path),
+            bytes=_get(entry, "bytes", int, where, path),
+            sha256=_get(entry, "sha256", str, where, path),
+        ))
+    try:
+        manifest = Manifest(
+            id_dtype=_get(raw, "id_dtype", str, "", path),
+            vocab_size=_get(raw, "vocab_size", int, "", path),
+            tokenizer_relpath=_get(tokenizer, "path", str, "tokenizer", path),
+            tokenizer_sha256=_get(tokenizer, "sha256", str, "tokenizer", path),
+            special_ids=dict(special),
+            documents=_get(totals, "documents", int, "totals", path),
+            tokens=_get(totals, "tokens", int, "totals", path),
+            empty_documents=_get(totals, "empty_documents", int, "totals", path),
+            skipped_documents=_get(totals, "skipped_documents", int, "totals", path),
+            shards=shards,
+            root=path.parent,
+        )
+    except ValueError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {e}; {_RERUN}") from None
+    if _get(totals, "shards", int, "totals", path) != len(shards):
+        raise ValueError(f"{path}: totals.shards={totals['shards']} but {len(shards)} shards are listed; {_RERUN}")
+    _check_files(manifest, path, verify_hashes)
+    return manifest
+
+
+def _check_files(manifest: Manifest, path: Path, verify_hashes: bool) -> None:
+    tok = manifest.tokenizer_path
+    if not tok.is_file():
+        raise ValueError(f"{path}: tokenizer {tok} is missing; {_RERUN}")
+    if file_sha256(tok) != manifest.tokenizer_sha256:
+        raise ValueError(f"{path}: tokenizer {tok} changed since the shards were written (sha256 differs); {_RERUN}")
+    for info, shard in zip(manifest.shards, manifest.shard_paths, strict=True):
+        if not shard.is_file():
+            raise ValueError(f"{path}: shard {shard} is missing; {_RERUN}")
+        size = shard.stat().st_size
+        if size != info.bytes:
+            raise ValueError(f"{path}: shard {shard} has {size} bytes, the manifest says {info.bytes} "
+                             f"(truncated or replaced?); {_RERUN}")
+        if verify_hashes and file_sha256(shard) != info.sha256:
+            raise ValueError(f"{path}: shard {shard} does not match its sha256 (corrupted?); {_RERUN}")

@@ -1,0 +1,27 @@
+"""Shared CLI behaviour: a user mistake is one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from launch.config import ConfigError
+
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    try:
+        return main()
+    except USER_ERRORS as e:
+        if os.environ.get("CLOZE_DEBUG"):
+            raise
+        text = str(e)
+        rank = os.environ.get("RANK")
+        prefix = f"error (rank {rank}): " if rank not in (None, "0") else "error: "
+        print(prefix + text, file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,326 @@
+"""The training config: typed sections, YAML + `key=value` overrides, and up-front validation.
+
+Validation collects every problem and raises one `ConfigError` listing them all, so a user fixes a config in one
+round instead of one error per launch. Checks that need other parts (the objective registry, the model config, the
+data manifest) run here too, before any process group or engine exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(problems)} problems" + "".join(f"\n  - {p}" for p in problems))
+
+
+@dataclass
+class DataConfig:
+    path: str = "runs/demo/data"
+    """Directory written by `python -m launch.prepare` (holds manifest.json, the shards and the tokenizer)."""
+    seq_len: int = 128
+    """Tokens per packed row."""
+
+
+@dataclass
+class EvalConfig:
+    path: str = ""
+    """Prepared directory of held-out shards (`launch.prepare ... --out`); empty disables evaluation."""
+    every: int = 100
+    """Steps between evaluations (and one at the end)."""
+    batches: int = 4
+    """Micro-batches per rank in the fixed evaluation set."""
+    seed: int = 0
+    """Fixes the evaluation rows and masks; keep it equal across runs you want to compare."""
+
+
+@dataclass
+class ObjectivesConfig:
+    mix: dict[str, float] = field(default_factory=lambda: {"mlm": 0.8, "span": 0.1, "causal": 0.1})
+    """Objective name -> weight; weights are normalised, so {mlm: 8, causal: 2} means 80% / 20% of micro-batches."""
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-objective parameters, e.g. {mlm: {rate: 0.3}}; passed to objectives.build_objective."""
+    mode_tokens: bool = False
+    """Prepend a UL2-style mode token per objective."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 16
+    """Rows per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Global batch = micro_batch_size x grad_accum x world size."""
+    max_steps: int = 200
+    """Optimizer steps to run."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    schedule: str = "warmup_linear"
+    """LR schedule: 'warmup_linear' (linear decay after warm-up), 'warmup_cosine' (cosine decay), or 'wsd'
+    (warm-up, stable at lr, then linear decay over the last decay_frac of the steps)."""
+    min_lr_ratio: float = 0.1
+    """Every schedule decays to lr x min_lr_ratio at max_steps."""
+    decay_frac: float = 0.2
+    """'wsd' only: fraction of max_steps spent decaying at the end."""
+    warmup_steps: int = 20
+    """Linear warm-up from lr/warmup_steps (not 0: step 1 must move the weights) to lr."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay; never applied to norms or biases."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    seed: int = 1234
+    """Seeds the weights, the shard order, the objective mix and every mask."""
+    precision: str = "auto"
+    """'fp32', 'bf16', or 'auto' (bf16 on GPUs, fp32 on CPU)."""
+    zero_stage: int | None = None
+    """ZeRO stage 0-3; None keeps the stage in the DeepSpeed config file."""
+    deepspeed_config: str = "deepspeed_config.json"
+    """The engine config; its batch and optimizer values may be 'auto' (filled from this config)."""
+    log_every: int = 10
+    """Steps between progress lines and TensorBoard points."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep (oldest deleted after `latest` moves on)."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/demo"
+    """Run directory: checkpoints/, tensorboard/, train.log."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=dict)
+    """Fields of model.EncoderConfig except vocab_size and the special ids (taken from the data manifest)."""
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "objectives": ObjectivesConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(sorted(valid))})"
+
+
+def _check_type(path: str, value: Any, default: Any, problems: list[str]) -> Any:
+    """Coerce YAML scalars to the type of the default; record a problem instead of raising."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true/false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `1e-4` as a string; every user writes it, so accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        problems.append(f"{path}: expected a string, got {value!r}")
+    if isinstance(default, dict) and not isinstance(value, dict):
+        problems.append(f"{path}: expected a mapping, got {value!r}")
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            problems.append(f"{path}: expected a list of {len(default)} numbers, got {value!r}")
+            return value
+        return tuple(value)
+    return value
+
+
+def _build_section(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    obj = cls()
+    if raw is None:
+        return obj
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix}: expected a mapping, got {raw!r}")
+        return obj
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in raw.items():
+        if key not in names:
+            problems.append(f"{prefix}.{key}: unknown key{_suggest(str(key), names)}")
+            continue
+        setattr(obj, key, _check_type(f"{prefix}.{key}", value, getattr(obj, key), problems))
+    return obj
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`train.max_steps=50 objectives.mix.causal=0.2` -> [(path, yaml-typed value)]."""
+    out, bad = [], []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            bad.append(f"override {item!r}: expected key=value, e.g. train.max_steps=50")
+            continue
+        try:
+            out.append((key.strip(), yaml.safe_load(text)))
+        except yaml.YAMLError as e:
+            bad.append(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})")
+    if bad:
+        raise ConfigError(bad, "overrides")
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML, apply overrides, build the typed config and run the checks that need nothing else."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file not found: {p} (pass an existing YAML, e.g. launch/configs/demo.yaml)"])
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {str(e).splitlines()[0]}"], source) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"top level must be a mapping, got {type(raw).__name__}"], source)
+    for key, value in parse_overrides(list(overrides)):
+        _set_path(raw, key, value)
+
+    problems: list[str] = []
+    cfg = RunConfig()
+    valid_top = [f.name for f in dataclasses.fields(RunConfig)]
+    for key, value in raw.items():
+        if key not in valid_top:
+            problems.append(f"{key}: unknown section{_suggest(str(key), valid_top)}")
+        elif key in _SECTIONS:
+            setattr(cfg, key, _build_section(_SECTIONS[key], value, key, problems))
+        elif key == "model":
+            if not isinstance(value, dict):
+                problems.append(f"model: expected a mapping, got {value!r}")
+            else:
+                cfg.model = dict(value)
+        else:
+            cfg.out_dir = _check_type(key, value, cfg.out_dir, problems)
+    if not problems:
+        problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Every check that needs only the config and the code (not the data or the world size)."""
+    from model.config import EncoderConfig
+    from objectives import OBJECTIVES, build_objective
+    from objectives.mixer import Mixer
+
+    p: list[str] = []
+    t, d = cfg.train, cfg.data
+    for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
+        if getattr(t, name) < 1:
+            p.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    for name in ("warmup_steps", "checkpoint_every"):
+        if getattr(t, name) < 0:
+            p.append(f"train.{name}: must be >= 0, got {getattr(t, name)}")
+    if not t.lr > 0:
+        p.append(f"train.lr: must be > 0, got {t.lr}")
+    if t.schedule not in ("warmup_linear", "warmup_cosine", "wsd"):
+        p.append(f"train.schedule: must be warmup_linear, warmup_cosine or wsd, got {t.schedule!r}")
+    if not 0 < t.decay_frac <= 1:
+        p.append(f"train.decay_frac: must lie in (0, 1], got {t.decay_frac}")
+    if t.warmup_steps >= t.max_steps >= 1:
+        p.append(f"train.warmup_steps={t.warmup_steps} must be < train.max_steps={t.max_steps}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        p.append(f"train.min_lr_ratio: must lie in [0, 1], got {t.min_lr_ratio}")
+    if t.weight_decay < 0:
+        p.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    if t.grad_clip < 0:
+        p.append(f"train.grad_clip: must be >= 0 (0 disables), got {t.grad_clip}")
+    if not all(0 <= b < 1 for b in t.betas):
+        p.append(f"train.betas: each must lie in [0, 1), got {list(t.betas)}")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        p.append(f"train.precision: must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.zero_stage is not None and t.zero_stage not in (0, 1, 2, 3):
+        p.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if not Path(t.deepspeed_config).is_file():
+        p.append(f"train.deepspeed_config: file not found: {t.deepspeed_config}")
+    if cfg.eval.every < 1 or cfg.eval.batches < 1:
+        p.append(f"eval.every and eval.batches: must be >= 1, got {cfg.eval.every} and {cfg.eval.batches}")
+    if cfg.eval.path and not Path(cfg.eval.path).exists():
+        p.append(f"eval.path: not found: {cfg.eval.path} (prepare held-out shards with launch.prepare, or set "
+                 f"eval.path='' to disable evaluation)")
+    if not Path(d.path).exists():
+        p.append(f"data.path: not found: {d.path} (write it with: python -m launch.prepare --input ... --out {d.path})")
+    if d.seq_len < 8:
+        p.append(f"data.seq_len: must be >= 8, got {d.seq_len}")
+
+    reserved = {"vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"}
+    model_fields = [f.name for f in dataclasses.fields(EncoderConfig) if f.name not in reserved]
+    for key in cfg.model:
+        if key in reserved:
+            p.append(f"model.{key}: set by the data manifest, remove it from the config")
+        elif key not in model_fields:
+            p.append(f"model.{key}: unknown key{_suggest(key, model_fields)}")
+    if not any(x.startswith("model.") for x in p):
+        try:
+            EncoderConfig(vocab_size=1024, **cfg.model)
+        except (ValueError, TypeError) as e:
+            p.append(f"model: {e}")
+    default_max_pos = EncoderConfig.__dataclass_fields__["max_position_embeddings"].default
+    max_pos = cfg.model.get("max_position_embeddings", default_max_pos)
+    if d.seq_len > max_pos:
+        p.append(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={max_pos}")
+
+    o = cfg.objectives
+    try:
+        Mixer(dict(o.mix), seed=t.seed)
+    except ValueError as e:
+        p.append(f"objectives.mix: {e}")
+    for name in o.params:
+        if name not in o.mix:
+            p.append(f"objectives.params.{name}: objective not in objectives.mix (params would be ignored)")
+    for name in o.mix:
+        if name not in OBJECTIVES:
+            continue  # the mixer already reported it, with the nearest valid name
+        try:
+            build_objective(name, dict(o.params.get(name) or {}), mode_tokens=o.mode_tokens)
+        except ValueError as e:
+            p.append(f"objectives.{name}: {e}")
+    return p
+
+
+def config_hash(cfg: RunConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,434 @@
+"""`python -m launch.export --checkpoint RUN_OR_CHECKPOINT_DIR --out DIR`: the encoder as a Hugging Face folder.
+
+Checkpoints of ZeRO stages 0-3 are consolidated to fp32 with DeepSpeed's own utility (stage 0 has no ZeRO
+partitions: its weights sit whole in the model-states file) one tensor at a time, the prediction head is dropped
+(unless --with-head), and the folder gets config.json (transformers' ModernBERT), safetensors weights (sharded above
+--max-shard-size), the tokenizer files, sentence-transformers' mean-pooling config, training_config.json and a model
+card with loss curves. Unless --no-verify, the folder is then loaded with stock `transformers` and compared with
+cloze's own model on the same weights. Everything is written to a temporary folder beside --out and renamed into
+place only when complete, so a failed export leaves nothing at --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launch.checkpoint import TAG_RE, load_run_info, resolve_checkpoint
+from launch.cli import run_cli
+
+TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
+"""Largest |difference| of hidden states between the export and cloze, per dtype (the issue's acceptance bounds)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOKENIZER_FILES = ("spm.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DEFAULT_MAX_SHARD = "2GB"
+
+VERIFY_TEXTS = [
+    "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog. Café, naïve, 東京, 🙂.",
+    "import os\n\nfor name in os.listdir('.'):\n\tprint(name)   # runs of   spaces\n",
+    "",
+    "x" * 1500 + " " + "Übergrößenträger" * 40,
+]
+"""Texts the verify step encodes with both tokenizers and runs through both models: code, Unicode, emoji, tabs
+and runs of spaces, the empty string, and words longer than SentencePiece's 1024-character segment."""
+
+
+# -- reading a checkpoint ----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def restricted_torch_load() -> Iterator[None]:
+    """Make every torch.load inside (DeepSpeed's included, which asks for weights_only=False) use torch's restricted
+    unpickler, admitting only the three plain DeepSpeed types its optimizer files hold. Reading a checkpoint then
+    cannot run code, whoever wrote it. DeepSpeed's progress prints go to stderr so stdout stays clean."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    key, old = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]), \
+                contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def expected_files(zero_stage: int, world_size: int) -> list[str]:
+    """Glob patterns of the DeepSpeed files a complete checkpoint of this stage and world holds, one per shard."""
+    optim = [f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]  # "bf16_" prefix or none
+    if zero_stage == 0:
+        return ["mp_rank_00_model_states.pt"]
+    if zero_stage in (1, 2):
+        return ["mp_rank_00_model_states.pt", *optim]
+    return [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)] + optim
+
+
+def _load_pt(path: Path) -> Any:
+    """A DeepSpeed file through the restricted unpickler, memory-mapped (tensors are read when used)."""
+    try:
+        with restricted_torch_load():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint file {path} is corrupt or unreadable ({reason}); export an earlier "
+                         f"checkpoint or re-save this one") from None
+
+
+def check_checkpoint(ckpt_dir: Path, tag: str, info: dict) -> None:
+    """Every rank's shard present and readable; otherwise one error naming each missing or damaged file."""
+    tag_dir = ckpt_dir / tag
+    stage, world = int(info.get("zero_stage", -1)), int(info.get("world_size", 0))
+    if stage not in (0, 1, 2, 3) or world < 1:
+        raise ValueError(f"{tag_dir / 'run.json'}: zero_stage={info.get('zero_stage')!r} and "
+                         f"world_size={info.get('world_size')!r} must be 0-3 and >= 1; is it a cloze checkpoint?")
+    missing, found = [], []
+    for pattern in expected_files(stage, world):
+        hits = sorted(tag_dir.glob(pattern))
+        (found.extend(hits) if hits else missing.append(pattern.lstrip("*")))
+    if not (tag_dir / "tokenizer" / "spm.model").is_file():
+        missing.append("tokenizer/spm.model")
+    if missing:
+        others = sorted(d.name for d in ckpt_dir.iterdir() if TAG_RE.match(d.name) and d.name != tag)
+        hint = f"; export an earlier one ({', '.join(others)})" if others else ""
+        raise ValueError(f"checkpoint {tag_dir} is incomplete (ZeRO stage {stage}, {world} ranks): missing "
+                         f"{', '.join(missing)}; was the save interrupted?{hint}")
+    for f in found:
+        _load_pt(f)  # names the damaged file; mmap makes this cheap for large shards
+
+
+def _stage0_master(state: dict, cfg) -> dict[str, torch.Tensor] | None:
+    """fp32 master weights of a stage-0 bf16 run: DeepSpeed's bf16 wrapper keeps them in optimizer.fp32_groups,
+    in the order of cloze's optimizer param groups (launch/optim.py). None when the module is already fp32."""
+    from launch.optim import param_groups
+    from model.heads import EncoderForPretraining
+
+    groups = (state.get("optimizer") or {}).get("fp32_groups")
+    if not groups:
+        return None
+    with torch.device("meta"):
+        model = EncoderForPretraining(cfg)
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        names.setdefault(id(p), name)
+    ordered = [[names[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
+    if [len(g) for g in ordered] != [len(g) for g in groups]:
+        raise ValueError(f"stage-0 checkpoint holds {[len(g) for g in groups]} fp32 master tensors per param "
+                         f"group, a model of run.json's shape has {[len(g) for g in ordered]}: another model shape")
+    return {n: t for ns, ts in zip(ordered, groups) for n, t in zip(ns, ts)}
+
+
+def lazy_state_dict(ckpt_dir: Path, tag: str, zero_stage: int, cfg=None) -> dict[str, Any]:
+    """EncoderForPretraining keys -> fp32 tensors or DeepSpeed's lazy GatheredTensor (`.contiguous()` gives the
+    tensor). Nothing is materialised: stage-0 and ZeRO-1/2 tensors are views of memory-mapped files (DeepSpeed
+    concatenates ZeRO-1/2 partitions into one fp32 vector per param group), ZeRO-3 parameters are gathered on use."""
+    if zero_stage == 0:
+        state = _load_pt(ckpt_dir / tag / "mp_rank_00_model_states.pt")
+        module = dict(state["module"])
+        master = _stage0_master(state, cfg) if cfg is not None else None
+        if master:
+            module.update(master)
+            module["head.decoder.weight"] = module["encoder.embeddings.tok_embeddings.weight"]  # tied
+        return module
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        with restricted_torch_load():
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, lazy_mode=True))
+    except (RuntimeError, ValueError, KeyError, IndexError) as e:
+        raise ValueError(f"DeepSpeed could not consolidate {ckpt_dir / tag}: {str(e).splitlines()[0][:300]}") from None
+
+
+def training_precision(ckpt_dir: Path, tag: str, zero_stage: int) -> str:
+    """'bf16' or 'fp32', from the DeepSpeed config saved beside the weights (run.json may say 'auto')."""
+    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt"
+    ds = _load_pt(ckpt_dir / tag / name).get("ds_config") or {}
+    return "bf16" if (ds.get("bf16") or {}).get("enabled") else "fp32"
+
+
+def check_shapes(lazy: dict[str, Any], cfg, source: Path) -> None:
+    """Keys and shapes equal those of EncoderForPretraining(cfg), or a ValueError listing the differences."""
+    from model.heads import EncoderForPretraining
+
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in EncoderForPretraining(cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in lazy.items()}
+    problems = [f"{k} is {list(got[k])}, expected {list(want[k])}" for k in want if k in got and got[k] != want[k]]
+    problems += [f"{k} missing" for k in want if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in want]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ValueError(f"checkpoint {source} holds weights of another model shape than its run.json encoder "
+                         f"config (hidden {cfg.hidden_size}, {cfg.num_layers} layers, vocab {cfg.vocab_size}): "
+                         f"{shown}")
+
+
+def _materialise(t: Any) -> torch.Tensor:
+    return t.contiguous().float()
+
+
+def consolidate(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """fp32 state dict of EncoderForPretraining from a DeepSpeed checkpoint (every tensor in memory at once)."""
+    from model.config import EncoderConfig
+
+    ckpt_dir = Path(ckpt_dir)
+    cfg = EncoderConfig.from_dict(load_run_info(ckpt_dir, tag)["encoder"])
+    lazy = lazy_state_dict(ckpt_dir, tag, zero_stage, cfg)
+    done: dict[int, torch.Tensor] = {}  # tied entries are one object: materialise once, keep them one tensor
+    return {k: done.setdefault(id(v), _materialise(v)) for k, v in lazy.items()}
+
+
+# -- writing the folder ------------------------------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '64KB', '1000' -> bytes (decimal units, as transformers uses)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*", str(text), flags=re.IGNORECASE)
+    if not m or float(m[1]) <= 0:
+        raise ValueError(f"--max-shard-size {text!r}: expected a positive size such as 2GB, 500MB or 64KB")
+    unit = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[(m[2] or "B").upper()]
+    return int(float(m[1]) * unit)
+
+
+def hf_key_sources(lazy: dict[str, Any], with_head: bool) -> list[tuple[str, str]]:
+    """(Hugging Face key, cloze key) pairs in cloze's order, by model/hf.py's mapping and its checks, without
+    reading any weight: each entry is stood in for by a 1-element index tensor (tied entries share one)."""
+    from model.hf import to_hf_state_dict
+
+    index: dict[int, torch.Tensor] = {}
+    stand_in = {k: index.setdefault(id(v), torch.tensor([len(index)])) for k, v in lazy.items()}
+    tied = ("head.decoder.weight", "encoder.embeddings.tok_embeddings.weight")
+    if with_head and all(k in lazy for k in tied) and stand_in[tied[0]] is not stand_in[tied[1]]:
+        # stored as two tensors (not DeepSpeed's shared-param record): compare their values once
+        if torch.equal(_materialise(lazy[tied[0]]), _materialise(lazy[tied[1]])):
+            stand_in[tied[0]] = stand_in[tied[1]]
+    first = {id(t): k for k, t in reversed(stand_in.items())}
+    return [(hf, first[id(t)]) for hf, t in to_hf_state_dict(stand_in, with_head).items()]
+
+
+def write_weights(lazy: dict[str, Any], out: Path, with_head: bool, dtype: torch.dtype, max_shard: int) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json when the weights
+    exceed max_shard bytes. At most one shard's tensors are in memory at a time. Returns the file names."""
+    from safetensors.torch import save_file
+
+    pairs = hf_key_sources(lazy, with_head)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    shards: list[list[tuple[str, str]]] = [[]]
+    size = 0
+    for hf, src in pairs:
+        n = lazy[src].shape.numel() * itemsize
+        if shards[-1] and size + n > max_shard:
+            shards.append([])
+            size = 0
+        shards[-1].append((hf, src))
+        size += n
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    total = 0
+    for name, shard in zip(names, shards):
+        # clone: views of one ZeRO flat buffer share storage, which safetensors refuses (and would save whole)
+        tensors = {hf: lazy[src].contiguous().to(dtype).clone() for hf, src in shard}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        del tensors
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {hf: n for n, s in zip(names, shards) for hf, _ in s}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def write_tokenizer(src: Path, out: Path, model_max_length: int) -> None:
+    """Copy the checkpoint's tokenizer (SentencePiece model and its `tokenizers` conversion); rebuild the
+    conversion from spm.model when a checkpoint lacks it."""
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    if not all((out / n).is_file() for n in TOKENIZER_FILES):
+        from data.hf_tokenizer import write_hf_tokenizer
+
+        write_hf_tokenizer(out / "spm.model", out, model_max_length=model_max_length)
+
+
+def write_sentence_transformers(out: Path, hidden_size: int, max_seq_length: int) -> None:
+    """sentence-transformers' module list: the transformer, then mean pooling over non-padding tokens. The
+    long-standing names and keys are used; sentence-transformers 6 maps them to its current modules."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2) + "\n")
+    (out / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": hidden_size, "pooling_mode_cls_token": False,
+               "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+
+
+def write_export(checkpoint: str | Path, out: Path, with_head: bool, dtype: str, max_shard: int) -> dict:
+    """Write the whole export into `out` (an empty or new folder); return what the model card needs."""
+    from model.config import EncoderConfig
+    from model.hf import hf_config
+
+    ckpt_dir, tag = resolve_checkpoint(checkpoint)
+    info = load_run_info(ckpt_dir, tag)
+    try:
+        cfg = EncoderConfig.from_dict(info["encoder"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{ckpt_dir / tag / 'run.json'}: no valid encoder config ({e})") from None
+    check_checkpoint(ckpt_dir, tag, info)
+    lazy = lazy_state_dict(ckpt_dir, tag, int(info["zero_stage"]), cfg)
+    check_shapes(lazy, cfg, ckpt_dir / tag)
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_weights(lazy, out, with_head, DTYPES[dtype], max_shard)
+    del lazy
+    config = hf_config(cfg, with_head, DTYPES[dtype])
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    seq_len = int(info.get("config", {}).get("data", {}).get("seq_len", cfg.max_position_embeddings))
+    write_tokenizer(ckpt_dir / tag / "tokenizer", out, model_max_length=cfg.max_position_embeddings)
+    from data.tokenizer import Tokenizer
+
+    vocab = Tokenizer(out / "spm.model").vocab_size
+    if vocab != cfg.vocab_size:
+        raise ValueError(f"{ckpt_dir / tag / 'tokenizer'} has {vocab} pieces but the model's vocab_size is "
+                         f"{cfg.vocab_size}: the tokenizer belongs to another run")
+    if not with_head:
+        write_sentence_transformers(out, cfg.hidden_size, seq_len)
+    (out / "training_config.json").write_text(json.dumps(info.get("config", {}), indent=2, default=str) + "\n")
+    return {"ckpt_dir": ckpt_dir, "tag": tag, "info": info, "files": files,
+            "precision": training_precision(ckpt_dir, tag, int(info["zero_stage"]))}
+
+
+def export(checkpoint: str | Path, out: str | Path, with_head: bool = False, dtype: str = "fp32",
+           max_shard_size: str | int = DEFAULT_MAX_SHARD, overwrite: bool = False, verify_export: bool = True,
+           card: bool = True) -> Path:
+    """Export, verify and document into a temporary folder beside `out`, then rename it to `out`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    max_shard = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} already exists; choose a new folder or pass --overwrite to replace it")
+    resolve_checkpoint(checkpoint)  # a wrong path fails before anything is created
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        meta = write_export(checkpoint, tmp, with_head, dtype, max_shard)
+        result = verify(tmp, checkpoint) if verify_export else None
+        if card:
+            from launch.modelcard import write_model_card
+
+            write_model_card(tmp, meta["ckpt_dir"], meta["tag"], meta["info"], with_head=with_head, dtype=dtype,
+                             weight_files=meta["files"], verification=result, precision=meta["precision"])
+        if out.exists():  # --overwrite: swap in the new folder, then drop the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[cloze] exported {meta['ckpt_dir'] / meta['tag']} -> {out} "
+          f"({'with' if with_head else 'without'} MLM head, {dtype}, {len(meta['files'])} weight file(s))",
+          file=sys.stderr)
+    if result:
+        print(f"[cloze] verified: transformers {result['architecture']} loads {out} with no missing or unexpected "
+              f"weights; hidden states equal cloze's within {result['max_abs_diff']:.1e} (bound "
+              f"{result['tolerance']:.0e}) on {result['texts']} texts; AutoTokenizer ids equal SentencePiece's",
+              file=sys.stderr)
+    return out
+
+
+# -- verification --------------------------------------------------------------------------------------------------
+
+def verify(out: str | Path, checkpoint: str | Path) -> dict:
+    """Load the export with stock transformers and compare it with cloze's model on the checkpoint's fp32 weights:
+    AutoTokenizer ids equal SentencePiece's on VERIFY_TEXTS, hidden states (and MLM logits, with the head) agree
+    within TOLERANCE of the export's dtype. cloze runs in the export's dtype, so both sides round alike."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    from data.tokenizer import Tokenizer
+    from model.config import EncoderConfig
+    from model.heads import EncoderForPretraining
+
+    out = Path(out)
+    ckpt_dir, tag = resolve_checkpoint(checkpoint)
+    info = load_run_info(ckpt_dir, tag)
+    config = AutoConfig.from_pretrained(out)
+    with_head = config.architectures == ["ModernBertForMaskedLM"]
+    dtype = {v: k for k, v in DTYPES.items()}[getattr(config, "dtype", None) or torch.float32]
+    ours = EncoderForPretraining(EncoderConfig.from_dict(info["encoder"]))
+    ours.load_state_dict(consolidate(ckpt_dir, tag, int(info["zero_stage"])), strict=True)
+    ours.to(DTYPES[dtype]).eval()
+    loader = AutoModelForMaskedLM if with_head else AutoModel
+    hf, loading = loader.from_pretrained(out, output_loading_info=True, attn_implementation="sdpa",
+                                         dtype=DTYPES[dtype])
+    hf.eval()
+    problems = {k: v for k, v in loading.items() if v}
+    if problems:
+        raise ValueError(f"{out}: transformers reported weight problems on load: {problems}")
+    tok = AutoTokenizer.from_pretrained(out)
+    sp = Tokenizer(out / "spm.model")
+    for text in VERIFY_TEXTS:
+        want = [tok.cls_token_id, *sp.encode(text), tok.sep_token_id]
+        got = tok(text)["input_ids"]
+        if got != want:
+            raise ValueError(f"{out}: AutoTokenizer ids differ from SentencePiece on {text[:30]!r}: {got} vs {want}")
+    texts = [t for t in VERIFY_TEXTS if t][:3]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    max_diff = 0.0
+    with torch.no_grad():
+        base = hf.model if with_head else hf
+        theirs = base(**enc).last_hidden_state.float()
+        logits = hf(**enc).logits.float() if with_head else None
+        for i in range(len(texts)):
+            n = int(enc["attention_mask"][i].sum())
+            ids = enc["input_ids"][i : i + 1, :n]
+            max_diff = max(max_diff, (theirs[i, :n] - ours.encoder(ids)[0].float()).abs().max().item())
+            if with_head:
+                # logits are hidden x embedding sums: the bound scales with their spread
+                scale = max(1.0, logits[i, :n].abs().max().item())
+                diff = (logits[i, :n] - ours.logits_for(ids)[0].float()).abs().max().item() / scale
+                max_diff = max(max_diff, diff)
+    if not max_diff <= TOLERANCE[dtype]:
+        raise ValueError(f"{out}: outputs differ from cloze's model by {max_diff:.2e} > {TOLERANCE[dtype]:.0e} "
+                         f"({dtype}); the export is wrong, please report it")
+    return {"max_abs_diff": max_diff, "tolerance": TOLERANCE[dtype], "texts": len(texts), "dtype": dtype,
+            "architecture": type(hf).__name__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir, or one step_XXXXXXXX dir")
+    ap.add_argument("--out", required=True, help="output folder; must not exist (see --overwrite)")
+    ap.add_argument("--with-head", action="store_true",
+                    help="keep the MLM head (ModernBertForMaskedLM), e.g. for pipeline('fill-mask')")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of the export")
+    ap.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
+                    help=f"split the weights into safetensors shards of at most this size (default {DEFAULT_MAX_SHARD})")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists (swapped in when complete)")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip loading the export back with transformers (verify holds two fp32 copies in memory)")
+    ap.add_argument("--no-card", action="store_true", help="skip the model card (README.md and loss_curves.png)")
+    args = ap.parse_args(argv)
+    export(args.checkpoint, args.out, with_head=args.with_head, dtype=args.dtype, max_shard_size=args.max_shard_size,
+           overwrite=args.overwrite, verify_export=not args.no_verify, card=not args.no_card)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,110 @@
+"""What people watch: per-objective loss and accuracy, LR, grad norm, throughput, data wait.
+
+Only rank 0 writes (TensorBoard, metrics.jsonl, the progress line); the values are reduced over ranks first, at log
+steps only, so there is no collective inside ordinary steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Metrics:
+    def __init__(self, out_dir: Path, objective_names: list[str], rank: int, max_steps: int, hparams: dict):
+        self.names = list(objective_names)
+        self.rank = rank
+        self.max_steps = max_steps
+        self.writer = None
+        self.jsonl = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            self.writer.add_text("config", "```\n" + json.dumps(hparams, indent=1, default=str) + "\n```")
+            self.jsonl = open(out_dir / "metrics.jsonl", "a")
+        self._reset()
+        self.t_start = time.perf_counter()
+
+    def _reset(self) -> None:
+        # per objective: loss x labels, labels, correct, micro-batches
+        self.acc = torch.zeros(len(self.names), 4, dtype=torch.float64)
+        self.tokens = 0
+        self.data_wait = 0.0
+        self.t_window = time.perf_counter()
+
+    def micro(self, objective: str, loss: float, num_labels: int, num_correct: int, tokens: int, wait: float):
+        i = self.names.index(objective)
+        self.acc[i] += torch.tensor([loss * num_labels, num_labels, num_correct, 1], dtype=torch.float64)
+        self.tokens += tokens
+        self.data_wait += wait
+
+    def step_record(self, step: int, record: dict) -> None:
+        """Rank 0's own per-step values (no reduction): the exact curve used by resume tests."""
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+            self.jsonl.flush()
+
+    def log(self, step: int, lr: float, grad_norm: float | None, start_step: int) -> dict:
+        """Collective at log steps: reduce the window over ranks, then rank 0 writes. Returns the reduced values."""
+        acc = self.acc.clone()
+        extra = torch.tensor([self.tokens, self.data_wait], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(acc)
+            dist.all_reduce(extra)
+        now = time.perf_counter()
+        window = max(now - self.t_window, 1e-9)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        out: dict = {"lr": lr, "tokens_per_s": extra[0].item() / window,
+                     "data_wait_share": extra[1].item() / (window * world)}
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm
+        for i, name in enumerate(self.names):
+            loss_sum, labels, correct, _ = acc[i].tolist()
+            if labels > 0:
+                out[f"loss/{name}"] = loss_sum / labels
+                out[f"accuracy/{name}"] = correct / labels
+        if self.rank == 0:
+            for k, v in out.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+            done = step - start_step
+            eta = (now - self.t_start) / max(done, 1) * (self.max_steps - step)
+            losses = " ".join(f"{n} {out[f'loss/{n}']:.3f}" for n in self.names if f"loss/{n}" in out)
+            print(f"step {step:>6}/{self.max_steps} | loss {losses} | lr {lr:.2e} | "
+                  f"{out['tokens_per_s'] / 1e3:.1f}k tok/s | data wait {100 * out['data_wait_share']:.0f}% | "
+                  f"eta {fmt_duration(eta)}", file=sys.stderr, flush=True)
+        self._reset()
+        return out
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """Already-reduced values (evaluation): TensorBoard, metrics.jsonl and one line, rank 0 only."""
+        if self.rank != 0 or not values:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        print(f"eval @ step {step}: " + " | ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items()),
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+

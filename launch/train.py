@@ -1,0 +1,62 @@
+"""`python -m launch.train --config launch/configs/demo.yaml [key=value ...]`: parse, build, train, close.
+
+Run one process per rank under torchrun, the deepspeed launcher or srun; a bare `python -m launch.train` is a
+one-rank world. `--nproc N` starts N local ranks under torchrun for you (CPU or one node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from launch.cli import run_cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="YAML training config, e.g. launch/configs/demo.yaml")
+    ap.add_argument("--nproc", type=int, default=0,
+                    help="start this many local ranks with torchrun (default: use the launcher's environment)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the resolved config, DeepSpeed config, batch arithmetic, model size, FLOPs and "
+                         "memory per rank under ZeRO 0-3, then exit")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50 data.seq_len=256")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from launch.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validate before spawning anything
+    world = args.nproc or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    from launch.preflight import preflight
+
+    pre = preflight(cfg, world)
+    if args.dry_run:
+        from launch.plan import describe, expected_labelled_fraction
+
+        print(describe(cfg, world, pre.ds_config, pre.tokenizer.vocab_size, pre.precision,
+                       expected_labelled_fraction(cfg)))
+        return 0
+    if args.nproc and "RANK" not in os.environ:
+        from launch.dist import free_port
+
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(args.nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", "launch.train", "--config", args.config, *args.overrides]
+        return subprocess.call(cmd)
+
+    from launch.dist import bootstrap_env
+    from launch.trainer import run
+
+    env = bootstrap_env()
+    run(cfg, env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

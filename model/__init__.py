@@ -1,0 +1,24 @@
+"""The encoder, its MLM pretraining head, init, and the Hugging Face (ModernBERT) export mapping. Imports torch
+only (hf.py also uses safetensors to write the export)."""
+
+from .attention import ATTENTION_KINDS, AttentionMask, build_attention_mask
+from .config import EncoderConfig
+from .encoder import Encoder
+from .heads import IGNORE_INDEX, EncoderForPretraining, MLMHead, PretrainOutput
+from .hf import from_hf_state_dict, hf_config, save_hf_model, to_hf_state_dict
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "IGNORE_INDEX",
+    "AttentionMask",
+    "Encoder",
+    "EncoderConfig",
+    "EncoderForPretraining",
+    "MLMHead",
+    "PretrainOutput",
+    "build_attention_mask",
+    "from_hf_state_dict",
+    "hf_config",
+    "save_hf_model",
+    "to_hf_state_dict",
+]

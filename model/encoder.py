@@ -1,0 +1,122 @@
+"""The encoder stack in ModernBERT's exact layout, so its state dict maps 1:1 onto transformers.ModernBertModel.
+
+Module and parameter names (embeddings.tok_embeddings, layers.N.attn.Wqkv, layers.N.mlp.Wi, final_norm, ...) are
+ModernBERT's own; model/hf.py relies on that and checks every key against an explicit list.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMask, SelfAttention, build_attention_mask, rotary_cos_sin
+from .config import EncoderConfig
+
+
+def layer_norm(cfg: EncoderConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=False)
+
+
+def trunc_normal_(weight: torch.Tensor, std: float) -> None:
+    """Truncated normal at +-2 std (ModernBERT's cutoff factor 2). Note: `std` is the parameter of the
+    untruncated normal; the truncation shrinks the realised std by a factor of about 0.880."""
+    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+
+
+class Embeddings(nn.Module):
+    """Token embedding followed by a bias-free LayerNorm; no position table (RoPE gives positions)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.norm = layer_norm(cfg)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.tok_embeddings(input_ids))
+
+
+class GeGLU(nn.Module):
+    """Wi projects to 2 x intermediate; the first half goes through exact (erf) GELU and gates the second."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.Wi = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.Wo = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(F.gelu(value) * gate)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Layer 0 skips the attention norm because the
+    embedding output is already normalised (ModernBERT does the same, and the HF mapping depends on it)."""
+
+    def __init__(self, cfg: EncoderConfig, index: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.Identity() if index == 0 else layer_norm(cfg)
+        self.attn = SelfAttention(cfg)
+        self.mlp_norm = layer_norm(cfg)
+        self.mlp = GeGLU(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Encoder(nn.Module):
+    """Embeddings, num_layers pre-norm blocks with global attention, final LayerNorm."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = layer_norm(cfg)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Truncated normal (cutoff +-2 std): embedding, Wqkv, Wi at init_std; attention Wo and MLP Wo at
+        init_std / sqrt(2 * num_layers); LayerNorm weights 1. See EncoderForPretraining.init_weights for why."""
+        cfg = self.cfg
+        out_std = cfg.init_std / (2.0 * cfg.num_layers) ** 0.5
+        trunc_normal_(self.embeddings.tok_embeddings.weight, cfg.init_std)
+        for layer in self.layers:
+            trunc_normal_(layer.attn.Wqkv.weight, cfg.init_std)
+            trunc_normal_(layer.attn.Wo.weight, out_std)
+            trunc_normal_(layer.mlp.Wi.weight, cfg.init_std)
+            trunc_normal_(layer.mlp.Wo.weight, out_std)
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention: str = "bidirectional",
+        doc_ids: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> hidden states [B, T, hidden] after the final norm.
+
+        RoPE positions run 0..T-1 along the whole row and do not restart at each packed document. That is exact,
+        not an approximation: with the document mask a query only meets keys of its own document, and the RoPE
+        score between positions i and j depends only on i - j, so shifting a whole document by an offset leaves
+        every score unchanged (up to float rounding of the angles). It also keeps the HF export simple: HF's
+        default position_ids are 0..T-1 too. tests/test_model.py checks packed == separate.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        batch, seq_len = input_ids.shape
+        if seq_len > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"row length {seq_len} exceeds max_position_embeddings={self.cfg.max_position_embeddings}; "
+                "shorten the rows or raise the config value"
+            )
+        mask = build_attention_mask(attention, batch, seq_len, input_ids.device, doc_ids, prefix_len)
+        rope = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, input_ids.device)
+        x = self.embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, rope, mask)
+        return self.final_norm(x)

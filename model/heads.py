@@ -1,0 +1,113 @@
+"""The MLM prediction head and the pretraining wrapper that runs it only on labelled positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import EncoderConfig
+from .encoder import Encoder, layer_norm, trunc_normal_
+
+IGNORE_INDEX = -100
+"""Label value that carries no loss; the same value as objectives.batch.IGNORE_INDEX (model/ does not import
+objectives/)."""
+
+
+class MLMHead(nn.Module):
+    """ModernBertPredictionHead + decoder: dense (no bias) -> exact GELU -> LayerNorm (no bias) -> decoder.
+
+    The decoder is an nn.Linear whose weight *is* the token-embedding Parameter (the same object), with its own
+    bias, as in ModernBertForMaskedLM with tie_word_embeddings=True and decoder_bias=True. Keeping a real Linear
+    module (rather than reading the embedding weight from elsewhere) lets ZeRO-3 gather the weight through the
+    decoder's own forward hooks, the way it handles tied HF models.
+    """
+
+    def __init__(self, cfg: EncoderConfig, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.norm = layer_norm(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=True)
+        self.decoder.weight = embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(F.gelu(self.dense(hidden))))
+
+
+@dataclass
+class PretrainOutput:
+    """Result of one pretraining forward."""
+
+    loss: torch.Tensor
+    """Scalar: mean cross entropy over labelled positions; an exact 0 still attached to every parameter's graph
+    when the batch has no labels (so every rank runs the same backward)."""
+    num_labels: torch.Tensor
+    """int64 scalar: positions whose label != -100."""
+    num_correct: torch.Tensor
+    """int64 scalar: labelled positions whose argmax prediction equals the label (no gradient)."""
+
+
+class EncoderForPretraining(nn.Module):
+    """Encoder + MLM head. The head runs only on the gathered labelled positions: with 15% masking that skips
+    85% of the hidden x vocab decoder matmul, the largest single matmul of a small model."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.head = MLMHead(cfg, self.encoder.embeddings.tok_embeddings)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """ModernBERT's scheme, every weight a normal truncated at +-2 std (std below is the parameter of the
+        untruncated normal; the realised std is about 0.880 x that):
+
+        - token embedding (= tied decoder weight), Wqkv, MLP Wi: init_std (0.02 by default)
+        - attention Wo, MLP Wo, head dense: init_std / sqrt(2 * num_layers)
+        - LayerNorm weights: 1; decoder bias: 0
+
+        Out-projections are scaled because each of the 2 * num_layers residual branches adds its output to the
+        stream; shrinking them by sqrt(2 * num_layers) keeps the residual variance at init independent of depth
+        (the GPT-2 / Megatron argument). The head dense uses the same scale as ModernBERT does.
+        Variant from HF's from-scratch init: HF re-initialises the tied decoder last, at the out std, which
+        silently rescales the embedding; cloze keeps the embedding's own init_std for the tied matrix.
+        """
+        self.encoder.init_weights()
+        trunc_normal_(self.head.dense.weight, self.cfg.init_std / (2.0 * self.cfg.num_layers) ** 0.5)
+        nn.init.ones_(self.head.norm.weight)
+        nn.init.zeros_(self.head.decoder.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        attention: str = "bidirectional",
+        prefix_len: torch.Tensor | None = None,
+    ) -> PretrainOutput:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
+        hidden = self.encoder(input_ids, attention=attention, doc_ids=doc_ids, prefix_len=prefix_len)
+        labelled = labels != IGNORE_INDEX
+        targets = labels[labelled]
+        logits = self.head(hidden[labelled])  # [N, vocab]; N may be 0
+        # Sum / max(N, 1) instead of a mean: with N == 0 it is an exact 0 that still runs through the head and
+        # the gather, so every parameter receives a (zero) gradient and no rank skips a collective in backward.
+        num_labels = labelled.sum()
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum") / num_labels.clamp(min=1)
+        with torch.no_grad():
+            num_correct = (logits.argmax(dim=-1) == targets).sum()
+        return PretrainOutput(loss=loss, num_labels=num_labels, num_correct=num_correct)
+
+    def logits_for(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        attention: str = "bidirectional",
+        prefix_len: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Full [B, T, vocab] logits at every position (for tests, fill-mask parity and evaluation, not training)."""
+        hidden = self.encoder(input_ids, attention=attention, doc_ids=doc_ids, prefix_len=prefix_len)
+        return self.head(hidden)

@@ -1,0 +1,44 @@
+"""Shared fixtures: a small real corpus prepared once per session, and a helper that runs cloze's CLIs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A slice of the interpreter's own stdlib: real text (code, docstrings, comments), present on every machine.
+CORPUS_PACKAGES = ("json", "email", "logging", "urllib", "http")
+
+
+def run_cli(args: list[str], timeout: float = 300, env: dict | None = None, check: bool = False):
+    """Run `python -m <args>` from the repository root; return CompletedProcess with text output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+                **(env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def corpus_files() -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return [str(stdlib / pkg) for pkg in CORPUS_PACKAGES]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """~1.5 MB of stdlib source prepared into 4+ shards with a 1000-piece tokenizer."""
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    inputs = [arg for p in corpus_files() for arg in ("--input", f"{p}/**/*.py")]
+    run_cli(["launch.prepare", *inputs, "--out", str(out),
+             "--vocab-size", "1000", "--shard-bytes", "200000"], check=True)
+    return out

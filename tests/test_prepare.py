@@ -1,0 +1,141 @@
+"""python -m launch.prepare end to end: layout, contents, reproducibility, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.manifest import load_manifest
+from data.stream import PackedStream
+from data.tokenizer import Tokenizer
+from launch.prepare import main
+from tests.test_data_helpers import synthetic_corpus, trained_model, write_text_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
+    """Input folder: 60 .py files, a JSONL file, an empty .txt and a Latin-1 file; returns (folder, texts in
+    the order prepare reads them, empty and undecodable ones left out)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    docs = synthetic_corpus(60, seed=21)
+    write_text_files(folder / "src", docs)
+    lines = [json.dumps({"text": t}) for t in ("first json doc", "second: café 日本")]
+    (folder / "extra.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "empty.txt").write_text("", encoding="utf-8")
+    (folder / "latin1.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1"))
+    return folder, ["first json doc", "second: café 日本", *docs]  # sorted paths: extra.jsonl < src/...
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _prepare(capsys, corpus_dir: Path, out: Path, *extra) -> tuple[int, str, str]:
+    return _run(capsys, "--input", corpus_dir, "--out", out, "--vocab-size", 450, "--shard-bytes", 20480, *extra)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_prepare_layout_contents_and_summary(corpus, tmp_path, capsys):
+    folder, texts = corpus
+    out = tmp_path / "out"
+    code, stdout, stderr = _prepare(capsys, folder, out)
+    assert code == 0, stderr
+    for name in ("spm.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / "tokenizer" / name).is_file()
+    manifest = load_manifest(out, verify_hashes=True)
+    assert len(manifest.shards) > 1 and (out / "shard-000000.tar").is_file()
+    assert (manifest.documents, manifest.empty_documents, manifest.skipped_documents) == (len(texts), 1, 1)
+    assert "latin1.py" in stderr and "warning: skipped" in stderr
+    for word in ("documents", "empty skipped", "tokens", "shards", "wall time"):
+        assert word in stdout
+    # the shards hold exactly the documents, in input order, encoded by the recorded tokenizer
+    tok = Tokenizer(manifest.tokenizer_path)
+    decoded = []
+    for path in manifest.shard_paths:
+        with tarfile.open(path) as tar:
+            decoded += [tok.decode(np.frombuffer(tar.extractfile(m).read(), "<u2")) for m in tar.getmembers()]
+    assert decoded == texts
+    # and the loader reads them
+    ids, _ = next(PackedStream(out, seq_len=32, batch_size=2, rank=1, world_size=2))
+    assert ids.shape == (2, 32)
+
+
+def test_two_runs_are_byte_identical_and_tokenizer_reuse(corpus, tmp_path, capsys):
+    folder, _ = corpus
+    assert _prepare(capsys, folder, tmp_path / "a")[0] == 0
+    assert _prepare(capsys, folder, tmp_path / "b", "--threads", 1)[0] == 0
+    a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert a.keys() == b.keys() and a == b
+    # reusing the trained model gives the same shards again
+    reused = tmp_path / "c"
+    assert _prepare(capsys, folder, reused, "--tokenizer", tmp_path / "a" / "tokenizer" / "spm.model")[0] == 0
+    assert _tree(reused) == a
+
+
+def test_rerun_with_bigger_shards_removes_stale_ones(corpus, tmp_path, capsys):
+    folder, _ = corpus
+    out = tmp_path / "out"
+    model = trained_model()
+    assert _prepare(capsys, folder, out, "--tokenizer", model)[0] == 0
+    before = len(load_manifest(out).shards)
+    assert _run(capsys, "--input", folder, "--out", out, "--tokenizer", model)[0] == 0
+    assert len(load_manifest(out).shards) == 1 < before
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar"]
+
+
+@pytest.mark.parametrize(
+    ("make_args", "fragment"),
+    [
+        (lambda d, t: ["--input", t / "missing.py", "--out", t / "o"], "missing.py"),
+        (lambda d, t: ["--input", t / "none*.py", "--out", t / "o"], "none*.py"),
+        (lambda d, t: ["--input", d / "empty.txt", "--out", t / "o"], "empty corpus"),
+        (lambda d, t: ["--input", d, "--out", t / "o", "--tokenizer", t / "nope.model"], "nope.model"),
+        (lambda d, t: ["--input", d / "latin1.py", d / "src", "--out", t / "o", "--on-decode-error", "error"],
+         "latin1.py"),
+        (lambda d, t: ["--input", d / "src", "--out", t / "o", "--vocab-size", 60000], "--vocab-size"),
+    ],
+)
+def test_errors_are_one_line_exit_2(corpus, tmp_path, capsys, make_args, fragment):
+    folder, _ = corpus
+    args = make_args(folder, tmp_path)
+    if args[1] == folder / "latin1.py":  # two inputs: repeat the flag
+        args = ["--input", args[1], "--input", args[2], *args[3:]]
+    code, _, err = _run(capsys, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_cli_process_unsupported_file_no_traceback(tmp_path):
+    bad = tmp_path / "table.csv"
+    bad.write_text("a,b\n")
+    proc = subprocess.run([sys.executable, "-m", "launch.prepare", "--input", str(bad), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "table.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hf_tokenizer_in_output_matches(corpus, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    folder, texts = corpus
+    out = tmp_path / "out"
+    assert _prepare(capsys, folder, out, "--tokenizer", trained_model(), "--model-max-length", 128)[0] == 0
+    hf = transformers.AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    tok = Tokenizer(out / "tokenizer" / "spm.model")
+    assert hf.model_max_length == 128
+    for text in texts[:5]:
+        assert hf(text)["input_ids"] == [2, *tok.encode(text), 3]
