@@ -1,20 +1,26 @@
 """Corpus readers: turn input paths, directories and globs into a stream of (source, text) documents.
 
-One reader per file suffix, looked up in READERS, so compressed JSONL or parquet can be added later by
-registering another reader without touching the callers.
+One reader per file suffix, looked up in READERS (longest matching suffix wins, so `.jsonl.gz` is not read as
+`.gz`). Line-oriented formats are streamed, never read whole, so a multi-gigabyte `.jsonl.zst` costs a buffer of
+memory. Readers report the on-disk bytes they have consumed (compressed bytes for compressed files) in
+CorpusStats.input_bytes, which is what the progress bar's ETA is computed from.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
+import io
 import json
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 DECODE_ERROR_POLICIES = ("error", "skip")
+_PROGRESS_LINES = 512  # how often line readers refresh CorpusStats.input_bytes
 
 
 @dataclass
@@ -29,19 +35,23 @@ class CorpusStats:
     """Documents whose text is the empty string (yielded; the caller decides to skip them)."""
     bytes: int = 0
     """UTF-8 bytes of document text yielded."""
+    input_bytes: int = 0
+    """On-disk bytes of the input files consumed so far (compressed size for .gz/.zst/.parquet)."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(source, reason) for every document left out under decode_errors='skip'."""
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"cannot read input file {path}: {e.strerror or e}") from None
-
-
 Decoder = Callable[[bytes, str], "str | None"]
 """Turns raw bytes of the document named by source into text, or None when the document is skipped."""
+
+
+@dataclass
+class _Context:
+    """What a reader needs besides the path."""
+
+    text_field: str
+    decode: Decoder
+    stats: CorpusStats
 
 
 def _strict_decode(data: bytes, source: str) -> str:
@@ -55,44 +65,144 @@ def _strict_decode(data: bytes, source: str) -> str:
         ) from None
 
 
-def _read_whole_file(path: Path, text_field: str, decode: Decoder) -> Iterator[tuple[str, str]]:
+def _cannot_read(path: Path, e: OSError) -> ValueError:
+    return ValueError(f"cannot read input file {path}: {e.strerror or e}")
+
+
+def _read_whole_file(path: Path, ctx: _Context) -> Iterator[tuple[str, str]]:
     """Plain text and source files: the whole file is one document."""
-    del text_field
-    source = str(path)
-    text = decode(_read_bytes(path), source)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    ctx.stats.input_bytes += len(data)
+    text = ctx.decode(data, str(path))
     if text is not None:
-        yield source, text
+        yield str(path), text
 
 
-def _read_jsonl(path: Path, text_field: str, decode: Decoder) -> Iterator[tuple[str, str]]:
+def _open_plain(raw: BinaryIO) -> BinaryIO:
+    return raw
+
+
+def _open_gzip(raw: BinaryIO) -> BinaryIO:
+    import gzip
+
+    return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+
+
+def _open_zstd(raw: BinaryIO) -> BinaryIO:
+    try:
+        import zstandard
+    except ImportError:
+        raise ValueError("reading .zst files needs the zstandard package: run `bash scripts/setup.sh`") from None
+    # read_across_frames: files made by concatenating zstd frames (common for sharded dumps) read as one
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return io.BufferedReader(reader, 1 << 20)  # type: ignore[arg-type, return-value]
+
+
+def _jsonl_reader(opener: Callable[[BinaryIO], BinaryIO]) -> Callable[[Path, _Context], Iterator[tuple[str, str]]]:
+    def read(path: Path, ctx: _Context) -> Iterator[tuple[str, str]]:
+        yield from _read_jsonl(path, ctx, opener)
+
+    return read
+
+
+def _read_jsonl(path: Path, ctx: _Context, opener: Callable[[BinaryIO], BinaryIO]) -> Iterator[tuple[str, str]]:
     """One JSON object per line; blank lines (e.g. a trailing one) are not documents and are passed over."""
-    data = _read_bytes(path)
-    for lineno, raw in enumerate(data.splitlines(), start=1):
-        source = f"{path}:{lineno}"
-        line = decode(raw, source)
-        if line is None or not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{source}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{source}: expected a JSON object per line, got {type(obj).__name__}")
-        if text_field not in obj:
-            keys = ", ".join(sorted(obj)[:10]) or "none"
-            raise ValueError(
-                f"{source}: no field {text_field!r} (fields: {keys}); pass --text-field to pick the text field"
-            )
-        text = obj[text_field]
-        if not isinstance(text, str):
-            raise ValueError(f"{source}: field {text_field!r} is {type(text).__name__}, expected a string")
-        yield source, text
+    base = ctx.stats.input_bytes
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed in the finally below, after the generator is done
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    lineno = 0
+    try:
+        stream = opener(raw)
+        lines = iter(stream)
+        while True:
+            try:
+                line_bytes = next(lines, None)
+            except (OSError, EOFError, zlib.error) as e:  # truncated gzip, bad zstd frame, I/O error
+                raise ValueError(f"{path}: cannot read past line {lineno} ({e or type(e).__name__}); the file is "
+                                 "damaged or truncated") from None
+            except Exception as e:
+                if type(e).__module__.startswith("zstandard"):  # ZstdError derives from Exception only
+                    raise ValueError(f"{path}: cannot decompress past line {lineno} ({e}); the file is damaged "
+                                     "or truncated") from None
+                raise
+            if line_bytes is None:
+                break
+            lineno += 1
+            if lineno % _PROGRESS_LINES == 0:
+                ctx.stats.input_bytes = base + raw.tell()
+            source = f"{path}:{lineno}"
+            line = ctx.decode(line_bytes.rstrip(b"\r\n"), source)
+            if line is None or not line.strip():
+                continue
+            yield source, _json_text(line, source, ctx.text_field)
+    finally:
+        ctx.stats.input_bytes = base + os.fstat(raw.fileno()).st_size
+        raw.close()
 
 
-Reader = Callable[[Path, str, Decoder], Iterator[tuple[str, str]]]
+def _json_text(line: str, source: str, text_field: str) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source}: expected a JSON object per line, got {type(obj).__name__}")
+    if text_field not in obj:
+        keys = ", ".join(sorted(obj)[:10]) or "none"
+        raise ValueError(f"{source}: no field {text_field!r} (fields: {keys}); pass --text-field to pick the text field")
+    text = obj[text_field]
+    if not isinstance(text, str):
+        raise ValueError(f"{source}: field {text_field!r} is {type(text).__name__}, expected a string")
+    return text
+
+
+def _read_parquet(path: Path, ctx: _Context) -> Iterator[tuple[str, str]]:
+    """One document per row of the text column; a null cell is an empty document (counted, not written)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("reading .parquet files needs the pyarrow package: run `bash scripts/setup.sh`") from None
+    base = ctx.stats.input_bytes
+    try:
+        size = path.stat().st_size
+        pf = pq.ParquetFile(path)
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+    except pa.ArrowException as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    if ctx.text_field not in names:
+        raise ValueError(f"{path}: no column {ctx.text_field!r} (columns: {', '.join(names[:10])}); "
+                         "pass --text-field to pick the text column")
+    kind = pf.schema_arrow.field(ctx.text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise ValueError(f"{path}: column {ctx.text_field!r} has type {kind}, expected a string column")
+    total = max(pf.metadata.num_rows, 1)
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024, columns=[ctx.text_field]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                yield f"{path}:row{row}", text if text is not None else ""
+            ctx.stats.input_bytes = base + size * row // total
+    except pa.ArrowException as e:
+        raise ValueError(f"{path}: cannot read past row {row} ({e})") from None
+    ctx.stats.input_bytes = base + size
+
+
+Reader = Callable[[Path, _Context], Iterator[tuple[str, str]]]
 
 READERS: dict[str, Reader] = {
-    ".jsonl": _read_jsonl,
+    ".jsonl": _jsonl_reader(_open_plain),
+    ".jsonl.gz": _jsonl_reader(_open_gzip),
+    ".jsonl.zst": _jsonl_reader(_open_zstd),
+    ".parquet": _read_parquet,
     ".txt": _read_whole_file,
     ".py": _read_whole_file,
     ".md": _read_whole_file,
@@ -101,14 +211,21 @@ READERS: dict[str, Reader] = {
 """Supported suffix -> reader yielding (source, text)."""
 
 
+def reader_suffix(path: Path) -> str | None:
+    """The READERS key that path's name ends with (the longest one), or None."""
+    name = path.name.lower()
+    matches = [suffix for suffix in READERS if name.endswith(suffix)]
+    return max(matches, key=len) if matches else None
+
+
 def _supported(path: Path) -> bool:
-    return path.suffix.lower() in READERS
+    return reader_suffix(path) is not None
 
 
 def _check_supported(path: Path) -> None:
     if not _supported(path):
         raise ValueError(
-            f"input file {path}: unsupported extension {path.suffix or '(none)'!r}; "
+            f"input file {path}: unsupported extension {''.join(path.suffixes) or '(none)'!r}; "
             f"supported: {', '.join(sorted(READERS))}"
         )
 
@@ -163,6 +280,17 @@ def expand_inputs(patterns: Iterable[str], exclude: Iterable[str] = ()) -> list[
     return sorted(found.values(), key=str)
 
 
+def input_bytes(paths: Iterable[Path]) -> int:
+    """Total on-disk size of the inputs (what CorpusStats.input_bytes counts towards); unreadable ones count 0."""
+    total = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
 def iter_documents(
     paths: Iterable[Path],
     text_field: str = "text",
@@ -171,9 +299,9 @@ def iter_documents(
 ) -> Iterator[tuple[str, str]]:
     """Yield (source, text) for every document, empty ones included (counted in stats.empty).
 
-    decode_errors='error' raises on the first non-UTF-8 document; 'skip' leaves it out and records it in
-    stats.skipped (a file for whole-file formats, a line for JSONL). Raises ValueError at the end when no
-    document had any text, listing the inputs.
+    text_field names the JSON field or the parquet column holding the text. decode_errors='error' raises on
+    the first non-UTF-8 document; 'skip' leaves it out and records it in stats.skipped (a file for whole-file
+    formats, a line for JSONL). Raises ValueError at the end when no document had any text, listing the inputs.
     """
     if decode_errors not in DECODE_ERROR_POLICIES:
         raise ValueError(f"decode_errors={decode_errors!r}; choose one of {DECODE_ERROR_POLICIES}")
@@ -186,13 +314,13 @@ def iter_documents(
             stats.skipped.append((source, str(e).split(": ", 1)[1].split(";", 1)[0]))
             return None
 
-    decode = _strict_decode if decode_errors == "error" else skip_bad
+    ctx = _Context(text_field, _strict_decode if decode_errors == "error" else skip_bad, stats)
     paths = list(paths)
     nonempty = 0
     for path in paths:
         _check_supported(path)
         stats.files += 1
-        for source, text in READERS[path.suffix.lower()](path, text_field, decode):
+        for source, text in READERS[reader_suffix(path) or ""](path, ctx):
             stats.documents += 1
             stats.bytes += len(text.encode("utf-8"))
             if text:

@@ -38,6 +38,12 @@ class ShardInfo:
     def __post_init__(self) -> None:
         if self.samples < 0 or self.tokens < 0 or self.bytes <= 0:
             raise ValueError(f"shard {self.file}: negative counts or empty file in the manifest")
+        parts = self.file.replace("\\", "/").split("/")
+        # shard names are joined onto the dataset's folder or URL: they must stay inside it
+        if not self.file or self.file.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"shard file name {self.file!r} must be a plain relative path inside the dataset")
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError(f"shard {self.file}: sha256 {self.sha256[:80]!r} is not 64 lowercase hex digits")
 
 
 @dataclass
@@ -64,8 +70,10 @@ class Manifest:
     """Documents skipped because they could not be decoded."""
     shards: list[ShardInfo]
     """In write order."""
+    split_documents: int = 0
+    """Input documents longer than a shard allows, written as several consecutive samples (none dropped)."""
     root: Path = field(default=Path("."), compare=False)
-    """Folder of manifest.json; shard and tokenizer paths are relative to it."""
+    """Folder of manifest.json; shard and tokenizer paths are relative to it (for a remote dataset: unused)."""
 
     def __post_init__(self) -> None:
         if self.id_dtype not in ID_DTYPES:
@@ -76,6 +84,8 @@ class Manifest:
             raise ValueError(f"documents={self.documents} differs from the sum of the shards' samples")
         if sum(s.tokens for s in self.shards) != self.tokens:
             raise ValueError(f"tokens={self.tokens} differs from the sum of the shards' tokens")
+        if min(self.empty_documents, self.skipped_documents, self.split_documents) < 0:
+            raise ValueError("negative document counts in the totals")
 
     @property
     def shard_paths(self) -> list[Path]:
@@ -99,6 +109,7 @@ class Manifest:
                 "tokens": self.tokens,
                 "empty_documents": self.empty_documents,
                 "skipped_documents": self.skipped_documents,
+                "split_documents": self.split_documents,
                 "shards": len(self.shards),
             },
             "shards": [asdict(s) for s in self.shards],
@@ -122,7 +133,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _get(obj: Any, key: str, kind: type | tuple[type, ...], where: str, path: Path) -> Any:
+def _get(obj: Any, key: str, kind: type | tuple[type, ...], where: str, path: Path | str) -> Any:
     """obj[key] checked for presence and type; errors name the field as `where.key`."""
     name = f"{where}.{key}" if where else key
     if not isinstance(obj, dict) or key not in obj:
@@ -135,10 +146,12 @@ def _get(obj: Any, key: str, kind: type | tuple[type, ...], where: str, path: Pa
     return value
 
 
-def load_manifest(dir_or_file: str | os.PathLike, verify_hashes: bool = False) -> Manifest:
-    """Read and validate a manifest: fields, tokenizer hash, every shard present with its recorded size.
+def load_manifest(dir_or_file: str | os.PathLike, verify_hashes: bool = False, check_files: bool = True) -> Manifest:
+    """Read and validate a local manifest: fields, tokenizer hash, every shard present with its recorded size.
 
     verify_hashes also re-hashes every shard (reads all data; off by default because it costs a full pass).
+    check_files=False checks only the manifest itself; the loader does that and verifies each shard as it
+    reads it, so that its on_bad_data policy decides what a missing or damaged shard means.
     """
     path = Path(dir_or_file)
     if path.is_dir() or not path.suffix:
@@ -146,8 +159,21 @@ def load_manifest(dir_or_file: str | os.PathLike, verify_hashes: bool = False) -
     if not path.is_file():
         raise ValueError(f"manifest {path} not found; run `python -m launch.prepare --out {path.parent} ...` first")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {_RERUN}") from None
+    manifest = parse_manifest(text, str(path), root=path.parent)
+    if check_files:
+        _check_files(manifest, path, verify_hashes)
+    return manifest
+
+
+def parse_manifest(text: str, where: str, root: Path = Path(".")) -> Manifest:
+    """Validate manifest.json's text (read from `where`, a path or URL named in errors) into a Manifest."""
+    path = where
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); {_RERUN}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object; {_RERUN}")
@@ -165,13 +191,15 @@ def load_manifest(dir_or_file: str | os.PathLike, verify_hashes: bool = False) -
     shards = []
     for i, entry in enumerate(_get(raw, "shards", list, "", path)):
         where = f"shards[{i}]"
-        shards.append(ShardInfo(
-            file=_get(entry, "file", str, where, path),
-            samples=_get(entry, "samples", int, where, path),
-            tokens=_get(entry, "tokens", int, where, path),
-            bytes=_get(entry, "bytes", int, where, path),
-            sha256=_get(entry, "sha256", str, where, path),
-        ))
+        fields = {key: _get(entry, key, kind, where, path)
+                  for key, kind in (("file", str), ("samples", int), ("tokens", int), ("bytes", int), ("sha256", str))}
+        try:
+            shards.append(ShardInfo(**fields))
+        except ValueError as e:
+            raise ValueError(f"{path}: {where}: {e}; {_RERUN}") from None
+    if len({s.file for s in shards}) != len(shards):
+        raise ValueError(f"{path}: a shard file is listed twice; {_RERUN}")
+    split = _get(totals, "split_documents", int, "totals", path) if "split_documents" in totals else 0
     try:
         manifest = Manifest(
             id_dtype=_get(raw, "id_dtype", str, "", path),
@@ -183,8 +211,9 @@ def load_manifest(dir_or_file: str | os.PathLike, verify_hashes: bool = False) -
             tokens=_get(totals, "tokens", int, "totals", path),
             empty_documents=_get(totals, "empty_documents", int, "totals", path),
             skipped_documents=_get(totals, "skipped_documents", int, "totals", path),
+            split_documents=split,
             shards=shards,
-            root=path.parent,
+            root=root,
         )
     except ValueError as e:
         if str(e).startswith(str(path)):
@@ -192,7 +221,6 @@ def load_manifest(dir_or_file: str | os.PathLike, verify_hashes: bool = False) -
         raise ValueError(f"{path}: {e}; {_RERUN}") from None
     if _get(totals, "shards", int, "totals", path) != len(shards):
         raise ValueError(f"{path}: totals.shards={totals['shards']} but {len(shards)} shards are listed; {_RERUN}")
-    _check_files(manifest, path, verify_hashes)
     return manifest
 
 

@@ -3,8 +3,12 @@
 Output layout in out_dir: tokenizer/spm.model and the HF tokenizer files beside it, shard-NNNNNN.tar,
 manifest.json (written last, so its presence means the shards are complete).
 
-Parallelism: SentencePiece encodes a batch of documents on num_threads C++ threads; reading and the tar
-writing stay in this process, in input order, so the output is byte-identical whatever num_threads is.
+Parallelism: SentencePiece encodes a batch of documents on num_threads C++ threads (all cores by default);
+reading and the tar writing stay in this process, in input order, so the output is byte-identical whatever
+num_threads is.
+
+Long documents are split, never dropped: a document longer than max_document_tokens (by default the most that
+fits in one shard of shard_bytes) is written as consecutive samples, so every shard respects its byte bound.
 """
 
 from __future__ import annotations
@@ -16,15 +20,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.corpus import DECODE_ERROR_POLICIES, CorpusStats, expand_inputs, iter_documents
+import numpy as np
+
+from data.corpus import DECODE_ERROR_POLICIES, CorpusStats, expand_inputs, input_bytes, iter_documents
 from data.hf_tokenizer import write_hf_tokenizer
 from data.manifest import MANIFEST_NAME, Manifest, write_manifest
-from data.shards import DEFAULT_SHARD_BYTES, ShardWriter, remove_stale_shards
+from data.shards import DEFAULT_SHARD_BYTES, ShardWriter, max_payload_bytes, remove_stale_shards
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "spm.model"
-BATCH_CHARS = 8 * 1024 * 1024
+BATCH_CHARS = 4 * 1024 * 1024
 """Text handed to SentencePiece per encode call: big enough to keep every thread busy, small in memory."""
 
 
@@ -44,8 +50,10 @@ class PrepareConfig:
     """Upper bound on a shard's file size (a single larger document gets a shard of its own)."""
     max_shard_documents: int | None = None
     """Optional cap on documents per shard."""
+    max_document_tokens: int | None = None
+    """Longest sample in tokens; longer documents become consecutive samples. None: the most one shard holds."""
     text_field: str = "text"
-    """JSONL field that holds the text."""
+    """JSONL field or parquet column that holds the text."""
     max_tokenizer_sentences: int = 8000
     """Segments (up to 1024 characters each) sampled to train the tokenizer."""
     exclude: list[str] = field(default_factory=list)
@@ -72,6 +80,8 @@ class PrepareConfig:
         if self.num_threads < 1 or self.tokenizer_threads < 1:
             raise ValueError(f"num_threads={self.num_threads} and tokenizer_threads={self.tokenizer_threads} "
                              "must be >= 1")
+        if self.max_document_tokens is not None and self.max_document_tokens < 1:
+            raise ValueError(f"max_document_tokens={self.max_document_tokens} must be >= 1")
         if self.max_tokenizer_sentences < 1:
             raise ValueError(f"max_tokenizer_sentences={self.max_tokenizer_sentences} must be >= 1")
         if self.out_dir.exists() and not self.out_dir.is_dir():
@@ -86,10 +96,27 @@ class PrepareResult:
     trained_tokenizer: bool
     seconds: dict[str, float]
     """Wall time per phase: 'tokenizer', 'shards', 'total'."""
+    threads: int = 1
+    """Tokenization threads used in the shards phase."""
 
 
-Progress = Callable[[str, int, int, int], None]
-"""progress(phase, documents, tokens, text_bytes), called now and then; phase is 'tokenizer' or 'shards'."""
+@dataclass(frozen=True)
+class ProgressInfo:
+    """A snapshot handed to the progress callback now and then."""
+
+    phase: str
+    """'tokenizer' (reading the corpus to sample the tokenizer's training text) or 'shards' (tokenizing)."""
+    documents: int
+    """Documents read so far in this phase."""
+    tokens: int
+    """Tokens written so far (0 in the tokenizer phase)."""
+    input_bytes: int
+    """On-disk input bytes consumed so far in this phase."""
+    total_bytes: int
+    """On-disk size of all inputs: input_bytes / total_bytes is the phase's completed fraction."""
+
+
+Progress = Callable[[ProgressInfo], None]
 
 
 def _batches(docs: Iterator[tuple[str, str]]) -> Iterator[list[str]]:
@@ -118,10 +145,12 @@ def _install_tokenizer(config: PrepareConfig, paths: list[Path], progress: Progr
         return target, False
     stats = CorpusStats()
 
+    total = input_bytes(paths)
+
     def texts() -> Iterator[str]:
         for i, (_, text) in enumerate(iter_documents(paths, config.text_field, config.decode_errors, stats)):
             if progress is not None and i % 200 == 0:
-                progress("tokenizer", stats.documents, 0, stats.bytes)
+                progress(ProgressInfo("tokenizer", stats.documents, 0, stats.input_bytes, total))
             yield text
 
     train_tokenizer(
@@ -149,13 +178,20 @@ def prepare(config: PrepareConfig, progress: Progress | None = None) -> PrepareR
 
     stats = CorpusStats()
     writer = ShardWriter(config.out_dir, tokenizer.id_dtype, config.shard_bytes, config.max_shard_documents)
+    longest = max_payload_bytes(config.shard_bytes) // np.dtype(tokenizer.id_dtype).itemsize
+    if config.max_document_tokens is not None:
+        longest = min(longest, config.max_document_tokens)
+    total = input_bytes(paths)
+    split = 0
     docs = iter_documents(paths, config.text_field, config.decode_errors, stats)
     for batch in _batches(docs):
         for ids in tokenizer.encode_batch(batch, num_threads=config.num_threads):
-            if ids.size:
-                writer.add(ids)
+            if ids.size > longest:
+                split += 1
+            for start in range(0, ids.size, longest):
+                writer.add(ids[start : start + longest])
         if progress is not None:
-            progress("shards", writer.documents, writer.tokens, stats.bytes)
+            progress(ProgressInfo("shards", stats.documents, writer.tokens, stats.input_bytes, total))
     shards = writer.close()
     manifest = Manifest(
         id_dtype=tokenizer.id_dtype,
@@ -167,6 +203,7 @@ def prepare(config: PrepareConfig, progress: Progress | None = None) -> PrepareR
         tokens=writer.tokens,
         empty_documents=stats.empty,
         skipped_documents=len(stats.skipped),
+        split_documents=split,
         shards=shards,
         root=config.out_dir,
     )
@@ -174,4 +211,5 @@ def prepare(config: PrepareConfig, progress: Progress | None = None) -> PrepareR
     remove_stale_shards(config.out_dir, shards)
     end = time.perf_counter()
     seconds = {"tokenizer": after_tokenizer - start, "shards": end - after_tokenizer, "total": end - start}
-    return PrepareResult(manifest=manifest, stats=stats, trained_tokenizer=trained, seconds=seconds)
+    return PrepareResult(manifest=manifest, stats=stats, trained_tokenizer=trained, seconds=seconds,
+                         threads=config.num_threads)

@@ -39,6 +39,12 @@ def archive_bytes(members: int) -> int:
     return -(-(members + _END) // _RECORD) * _RECORD
 
 
+def max_payload_bytes(max_bytes: int) -> int:
+    """Largest member payload for which a one-member archive stays within max_bytes (0 if none fits)."""
+    usable = (max_bytes // _RECORD) * _RECORD
+    return max(usable - _END - _BLOCK, 0)
+
+
 def id_bytes(ids: np.ndarray, id_dtype: str) -> bytes:
     """Little-endian bytes of ids in id_dtype ('uint16' / 'uint32'); refuses ids that do not fit."""
     ids = np.asarray(ids)
@@ -51,7 +57,8 @@ def id_bytes(ids: np.ndarray, id_dtype: str) -> bytes:
 class ShardWriter:
     """Append documents; shards roll over before they would pass max_bytes or max_documents.
 
-    A single document bigger than max_bytes gets a shard of its own (the only way a shard exceeds the bound).
+    A single document bigger than max_payload_bytes(max_bytes) gets a shard of its own, the only way a shard
+    exceeds the bound; data.pipeline splits documents before that can happen.
     """
 
     def __init__(

@@ -65,7 +65,10 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step. Global batch = micro_batch_size x grad_accum x world size."""
     max_steps: int = 200
-    """Optimizer steps to run."""
+    """Optimizer steps of the whole run (the LR schedule spans these)."""
+    stop_at: int = 0
+    """If > 0: checkpoint and exit once this step is reached, without changing the schedule (time-sliced jobs;
+    a later launch with the same out_dir resumes)."""
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
     schedule: str = "warmup_linear"
@@ -250,7 +253,7 @@ def validate(cfg: RunConfig) -> list[str]:
     for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
         if getattr(t, name) < 1:
             p.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
-    for name in ("warmup_steps", "checkpoint_every"):
+    for name in ("warmup_steps", "checkpoint_every", "stop_at"):
         if getattr(t, name) < 0:
             p.append(f"train.{name}: must be >= 0, got {getattr(t, name)}")
     if not t.lr > 0:

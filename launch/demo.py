@@ -56,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     if (data / "manifest.json").is_file() and not args.reprepare:
         print(f"=== prepare: reusing {data} (pass --reprepare to rebuild)", file=sys.stderr)
     else:
+        # The stdlib folder of a virtualenv-less interpreter also holds site-packages: keep only the stdlib.
+        extra = ["--exclude", "*/site-packages/*", "--exclude", "*/dist-packages/*"] if not args.input else []
         inputs = args.input or [stdlib_glob()]
-        timings["prepare"] = stage("prepare: train the tokenizer, write shards",
-                                   [py, "-m", "launch.prepare", *[a for i in inputs for a in ("--input", i)],
-                                    "--out", str(data)])
+        timings["prepare"] = stage("prepare: train the tokenizer, write shards", [
+            py, "-m", "launch.prepare", *[a for i in inputs for a in ("--input", i)], *extra,
+            "--out", str(data), "--shard-bytes", "4000000", "--model-max-length", "1024"])
     if train.exists():
         # The demo always trains from scratch; real runs resume from `latest` instead.
         shutil.rmtree(train)

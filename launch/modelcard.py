@@ -64,6 +64,8 @@ def plot_losses(scalars: dict[str, Series], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     train, evals = loss_tags(scalars)
+    names = sorted({t.removeprefix("loss/").removeprefix("eval/").removesuffix("_loss") for t in train + evals})
+    colour = {n: f"C{i % 10}" for i, n in enumerate(names)}  # one colour per objective in both panels
     panels = [("training loss (per objective, logged windows)", train)]
     if evals:
         panels.append(("evaluation loss (fixed held-out set)", evals))
@@ -73,7 +75,8 @@ def plot_losses(scalars: dict[str, Series], path: Path, title: str) -> Path:
             steps = [s for s, _, _ in scalars[tag]]
             values = [v for _, v, _ in scalars[tag]]
             label = tag.removeprefix("loss/").removeprefix("eval/").removesuffix("_loss")
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label,
+                    color=colour[label])
         ax.set_title(name)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("cross-entropy (nats per predicted token)")
@@ -119,25 +122,8 @@ def _duration(seconds: float) -> str:
     return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s"
 
 
-def render_card(info: dict, tag: str, scalars: dict[str, Series], summary: dict | None, train_data: dict | None,
-                eval_data: dict | None, with_head: bool, dtype: str, weight_files: list[str],
-                verification: dict | None, precision: str | None, n_params: int) -> str:
-    cfg, enc = info.get("config", {}), info["encoder"]
-    t, objectives = cfg.get("train", {}), cfg.get("objectives", {})
-    step, tokens = int(info.get("step", 0)), int(info.get("tokens_seen", 0))
-    world, stage = info.get("world_size"), info.get("zero_stage")
-    seq_len = cfg.get("data", {}).get("seq_len")
-    arch = "ModernBertForMaskedLM" if with_head else "ModernBertModel"
-    lines = ["---", "library_name: transformers", f"pipeline_tag: {'fill-mask' if with_head else 'feature-extraction'}",
-             "tags: [cloze, modernbert, encoder, sentence-transformers]", "---", "",
-             f"# cloze encoder ({enc['num_layers']} layers, hidden {enc['hidden_size']}, {n_params / 1e6:.2f}M "
-             f"parameters)", "",
-             f"A ModernBERT-layout encoder pretrained by cloze for {step:,} optimizer steps on {tokens:,} tokens, "
-             f"exported from checkpoint `{tag}` as `{arch}` in {dtype}"
-             f"{' with its MLM prediction head' if with_head else ' (prediction head dropped)'}. "
-             f"It loads with stock `transformers`; no cloze code is needed.", "",
-             "## How to load", "", "```python", "import torch",
-             "from transformers import AutoModel, AutoTokenizer", "",
+def _how_to_load(with_head: bool) -> list[str]:
+    lines = ["## How to load", "", "```python", "import torch", "from transformers import AutoModel, AutoTokenizer", "",
              'path = "."  # this folder', "tok = AutoTokenizer.from_pretrained(path)",
              "model = AutoModel.from_pretrained(path).eval()",
              'batch = tok(["an example sentence", "another one"], padding=True, return_tensors="pt")',
@@ -146,71 +132,84 @@ def render_card(info: dict, tag: str, scalars: dict[str, Series], summary: dict 
              "embeddings = (hidden * mask).sum(1) / mask.sum(1)  # mean pooling", "```", ""]
     if with_head:
         lines += ["Fill-mask (this export keeps the MLM head):", "", "```python", "from transformers import pipeline",
-                  'fill = pipeline("fill-mask", model=path)', 'fill(f"def add(a, b):\\n    return a {fill.tokenizer.mask_token} b")',
-                  "```", ""]
+                  'fill = pipeline("fill-mask", model=path)',
+                  'fill(f"def add(a, b):\\n    return a {fill.tokenizer.mask_token} b")', "```", ""]
     else:
-        lines += ["Sentence embeddings with sentence-transformers (mean pooling is configured in `modules.json`):", "",
+        lines += ["Sentence embeddings with sentence-transformers (mean pooling, configured in `modules.json`):", "",
                   "```python", "from sentence_transformers import SentenceTransformer",
                   'vectors = SentenceTransformer(path).encode(["an example sentence"])', "```", ""]
-    lines += ["Fine-tuning a classifier (e.g. support e-mails into billing / technical / feedback): "
-              "`AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)`, or with cloze: "
-              "`python -m launch.finetune --export PATH --train train.csv --eval eval.csv` (columns `text,label`).", ""]
+    return lines + ["Fine-tuning a classifier (for example support e-mails into billing / technical / feedback): "
+                    "`AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)`, or with cloze: "
+                    "`python -m launch.finetune --export PATH --train train.csv --eval eval.csv` (columns "
+                    "`text,label`).", ""]
 
-    lines += ["## Training data", "", "| split | documents | tokens | shards | prepared data |",
-              "| --- | --- | --- | --- | --- |"]
-    for name, m in (("train", train_data), ("eval", eval_data)):
+
+def _data(train: dict | None, evaluation: dict | None) -> list[str]:
+    lines = ["## Training data", "", "| split | documents | tokens | shards | prepared data |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, m in (("train", train), ("eval", evaluation)):
         if m is None:
             continue
         if m.get("missing"):
-            lines.append(f"| {name} | n/a | n/a | n/a | `{m['path']}` (manifest no longer there) |")
+            lines.append(f"| {name} | n/a | n/a | n/a | `{m['path']}` (its manifest is no longer there) |")
         else:
             lines.append(f"| {name} | {_num(m['documents'])} | {_num(m['tokens'])} | {_num(m['shards'])} "
                          f"| `{m['path']}` |")
-    for name, m in (("train", train_data), ("eval", eval_data)):
+    for name, m in (("train", train), ("eval", evaluation)):
         if m and m.get("sources"):
-            lines.append(f"\nSources ({name}): " + ", ".join(f"`{s}`" for s in m["sources"]))
-    if train_data and not train_data.get("missing"):
-        lines += ["", f"Tokenizer: SentencePiece unigram, {_num(train_data['vocab_size'])} pieces (sha256 "
-                      f"`{train_data['tokenizer_sha256'][:16]}`), converted to `tokenizer.json`; ids 0-8 are "
-                      "[PAD] [UNK] [CLS] [SEP] [MASK] and four mode tokens."]
-    elif not eval_data:
-        lines += ["", "The training data's manifest is no longer at the path recorded in the checkpoint."]
+            lines += ["", f"Sources ({name}): " + ", ".join(f"`{s}`" for s in m["sources"])]
+    if train and not train.get("missing"):
+        lines += ["", f"Tokenizer: SentencePiece unigram, {_num(train['vocab_size'])} pieces (sha256 "
+                      f"`{train['tokenizer_sha256'][:16]}`), converted to `tokenizer.json`; ids 0-8 are [PAD] [UNK] "
+                      "[CLS] [SEP] [MASK] and four objective mode tokens."]
+    return lines
 
-    mix = objectives.get("mix", {})
+
+def _objectives(cfg: dict, world: Any) -> list[str]:
+    t, o = cfg.get("train", {}), cfg.get("objectives", {})
+    mix, params = o.get("mix", {}), o.get("params") or {}
     total = sum(mix.values()) or 1.0
-    lines += ["", "## Objectives and schedule", "", "| objective | share of micro-batches | parameters |",
-              "| --- | --- | --- |"]
-    params = objectives.get("params") or {}
-    for name, w in mix.items():
-        lines.append(f"| {name} | {w / total:.0%} | {json.dumps(params.get(name) or {}) if params.get(name) else 'defaults'} |")
-    micro, accum = t.get("micro_batch_size"), t.get("grad_accum")
-    rows = micro * accum * world if None not in (micro, accum, world) else None
-    lines += ["", f"Mode tokens: {'on' if objectives.get('mode_tokens') else 'off'}. "
-                  f"AdamW, peak learning rate {t.get('lr')}, schedule `{t.get('schedule')}` "
-                  f"({t.get('warmup_steps')} warm-up steps, decaying to {t.get('min_lr_ratio')} x peak"
-                  f"{', decay over the last ' + str(t.get('decay_frac')) + ' of the steps' if t.get('schedule') == 'wsd' else ''}), "
-                  f"weight decay {t.get('weight_decay')}, betas {t.get('betas')}, gradient clip {t.get('grad_clip')}. "
-                  f"Batch: {micro} rows x {accum} accumulation x {world} ranks = {rows} rows of {seq_len} tokens "
-                  f"per step. Seed {t.get('seed')}. The full resolved config is in `training_config.json`."]
+    lines = ["", "## Objectives and schedule", "", "| objective | share of micro-batches | parameters |",
+             "| --- | --- | --- |"]
+    lines += [f"| {n} | {w / total:.0%} | {json.dumps(params[n]) if params.get(n) else 'defaults'} |"
+              for n, w in mix.items()]
+    micro, accum, seq_len = t.get("micro_batch_size"), t.get("grad_accum"), cfg.get("data", {}).get("seq_len")
+    rows = micro * accum * world if None not in (micro, accum, world) else "n/a"
+    wsd = f", decaying over the last {t.get('decay_frac')} of the steps" if t.get("schedule") == "wsd" else ""
+    lines += ["", f"Mode tokens: {'on' if o.get('mode_tokens') else 'off'}. AdamW, peak learning rate {t.get('lr')}, "
+                  f"schedule `{t.get('schedule')}` ({t.get('warmup_steps')} warm-up steps, ending at "
+                  f"{t.get('min_lr_ratio')} x peak{wsd}), weight decay {t.get('weight_decay')}, betas "
+                  f"{t.get('betas')}, gradient clip {t.get('grad_clip')}. Batch: {micro} rows x {accum} accumulation "
+                  f"x {world} ranks = {rows} rows of {seq_len} tokens per step. Seed {t.get('seed')}. The whole "
+                  "resolved config is in `training_config.json`."]
+    return lines
 
+
+def _run(info: dict, scalars: dict[str, Series], summary: dict | None, precision: str | None) -> list[str]:
+    step, world = int(info.get("step", 0)), info.get("world_size")
+    cfg = info.get("config", {})
     wall = None
     if summary and int(summary.get("steps", -1)) == step and summary.get("wall_s") is not None:
-        wall = f"{_duration(float(summary['wall_s']))} (training loop, last session of the run)"
+        wall = f"{_duration(float(summary['wall_s']))} (training loop of the run's last session)"
     else:
         times = [w for s in scalars.values() for _, _, w in s if w]
         if len(times) > 1:
             wall = f"about {_duration(max(times) - min(times))} (first to last logged point up to step {step})"
     hw = info.get("hardware") or (summary or {}).get("hardware")
-    hardware = (", ".join(f"{k} {v}" for k, v in hw.items()) if isinstance(hw, dict) else str(hw)) if hw else \
-        f"{world} data-parallel ranks (the checkpoint does not record the device type)"
-    lines += ["", "## Training run", "", "| | |", "| --- | --- |", f"| steps | {step:,} |",
-              f"| tokens seen | {tokens:,} |", f"| wall time | {wall or 'not recorded'} |",
-              f"| hardware | {hardware} |", f"| precision | {precision or t.get('precision')} |",
-              f"| DeepSpeed ZeRO stage | {stage} |", f"| sequence length | {seq_len} |"]
+    if isinstance(hw, dict):
+        hw = ", ".join(f"{k} {v}" for k, v in hw.items())
+    hardware = hw or f"{world} data-parallel ranks (the checkpoint does not record the device type)"
+    return ["", "## Training run", "", "| | |", "| --- | --- |", f"| steps | {step:,} |",
+            f"| tokens seen | {int(info.get('tokens_seen', 0)):,} |", f"| wall time | {wall or 'not recorded'} |",
+            f"| hardware | {hardware} |", f"| precision | {precision or cfg.get('train', {}).get('precision')} |",
+            f"| DeepSpeed ZeRO stage | {info.get('zero_stage')} |",
+            f"| sequence length | {cfg.get('data', {}).get('seq_len')} |"]
 
+
+def _results(scalars: dict[str, Series], step: int) -> list[str]:
     train_tags, _ = loss_tags(scalars)
-    lines += ["", "## Results", "", f"Last logged training window at or before step {step}:", "",
-              "| objective | loss | accuracy |", "| --- | --- | --- |"]
+    lines = ["", "## Results", "", f"Last logged training window at or before step {step}:", "",
+             "| objective | loss | accuracy |", "| --- | --- | --- |"]
     for tag in train_tags:
         name = tag.removeprefix("loss/")
         acc = _last(scalars, f"accuracy/{name}")
@@ -221,37 +220,62 @@ def render_card(info: dict, tag: str, scalars: dict[str, Series], summary: dict 
         lines += ["", f"Evaluation on the fixed held-out set (step {at}):", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {tg.removeprefix('eval/')} | {p[1]:.4f} |" for tg, p in sorted(evals.items())]
     else:
-        lines += ["", "No evaluation set was configured for this run (`eval.path`), so there are no held-out metrics."]
-    lines += ["", f"![Training and evaluation loss per objective]({PNG_NAME})", ""]
+        lines += ["", "This run had no evaluation set (`eval.path`), so there are no held-out metrics."]
+    return lines + ["", f"![Training and evaluation loss per objective]({PNG_NAME})", ""]
 
+
+def _use_and_limits(enc: dict, seq_len: Any, step: int, verification: dict | None) -> list[str]:
+    lines = []
     if verification:
         lines += ["## Verification", "", f"At export, `transformers.{verification['architecture']}` loaded this "
-                  f"folder with no missing or unexpected weights; its outputs matched cloze's own model on the "
+                  "folder with no missing or unexpected weights; its outputs matched cloze's own model on the "
                   f"checkpoint's weights within {verification['max_abs_diff']:.1e} (bound "
                   f"{verification['tolerance']:.0e}, {verification['dtype']}), and `AutoTokenizer` gave the same ids "
                   "as the SentencePiece model.", ""]
-    lines += ["## Intended use", "",
-              "A starting point for fine-tuning on downstream tasks in the domain of the training data "
-              "(classification, retrieval, token tagging) and for sentence embeddings after fine-tuning. The "
-              "pretraining objectives were masked / span / causal language modelling; the raw embeddings are not "
-              "trained for similarity.", "",
-              "## Limitations", "",
-              f"- Trained on the data listed above only; expect little transfer to other languages or domains.",
-              f"- Trained on rows of {seq_len} tokens: longer inputs run (RoPE, up to "
-              f"{enc.get('max_position_embeddings')} positions) but were never seen in training.",
-              "- The training text was not filtered for personal data or toxicity by cloze; the model can reproduce "
-              "what the corpus contains.",
-              f"- {'A short run: ' if step < 1000 else ''}check the evaluation numbers above against your own held-out "
-              "task before relying on it.", "",
-              "## Files", "", ", ".join(f"`{f}`" for f in [*weight_files, "config.json", "tokenizer.json",
-                                                             "tokenizer_config.json", "special_tokens_map.json",
-                                                             "spm.model", "training_config.json", PNG_NAME]), ""]
+    return lines + [
+        "## Intended use", "",
+        "A starting point for fine-tuning on tasks in the domain of the training data (classification, retrieval, "
+        "token tagging), and for sentence embeddings after such fine-tuning. It was pretrained with masked, span and "
+        "causal language modelling only: its raw embeddings were not trained for similarity.", "",
+        "## Limitations", "",
+        "- It knows the training data listed above only; expect little transfer to other languages or domains.",
+        f"- Trained on rows of {seq_len} tokens: longer inputs run (RoPE, up to {enc.get('max_position_embeddings')} "
+        "positions) but were never seen in training.",
+        "- cloze does not filter training text for personal data or toxicity; the model can reproduce what the "
+        "corpus contains.",
+        f"- {'This was a short run. ' if step < 1000 else ''}Check the numbers above against your own held-out task "
+        "before relying on it.", ""]
+
+
+def render_card(info: dict, tag: str, scalars: dict[str, Series], summary: dict | None, train_data: dict | None,
+                eval_data: dict | None, with_head: bool, dtype: str, files: list[str], verification: dict | None,
+                precision: str | None, n_params: int) -> str:
+    """README.md text; every number comes from the arguments (see write_model_card for where they come from)."""
+    enc, cfg = info["encoder"], info.get("config", {})
+    step, tokens = int(info.get("step", 0)), int(info.get("tokens_seen", 0))
+    arch = "ModernBertForMaskedLM" if with_head else "ModernBertModel"
+    head = " with its MLM prediction head" if with_head else " (prediction head dropped)"
+    lines = ["---", "library_name: transformers", f"pipeline_tag: {'fill-mask' if with_head else 'feature-extraction'}",
+             "tags: [cloze, modernbert, encoder]", "---", "",
+             f"# cloze encoder: {enc['num_layers']} layers, hidden {enc['hidden_size']}, {n_params / 1e6:.2f}M "
+             "parameters", "",
+             f"A ModernBERT-layout encoder pretrained by cloze for {step:,} optimizer steps on {tokens:,} tokens, "
+             f"exported from checkpoint `{tag}` as `{arch}` in {dtype}{head}. It loads with stock `transformers`; "
+             "no cloze code is needed.", ""]
+    lines += _how_to_load(with_head)
+    lines += _data(train_data, eval_data)
+    lines += _objectives(cfg, info.get("world_size"))
+    lines += _run(info, scalars, summary, precision)
+    lines += _results(scalars, step)
+    lines += _use_and_limits(enc, cfg.get("data", {}).get("seq_len"), step, verification)
+    lines += ["## Files", "", ", ".join(f"`{f}`" for f in [*files, CARD_NAME, PNG_NAME]), ""]
     return "\n".join(lines)
 
 
 def write_model_card(out: Path, ckpt_dir: Path, tag: str, info: dict, with_head: bool, dtype: str,
-                     weight_files: list[str], verification: dict | None = None, precision: str | None = None) -> Path:
-    """Write out/README.md and out/loss_curves.png for the checkpoint ckpt_dir/tag; return the README path."""
+                     verification: dict | None = None, precision: str | None = None) -> Path:
+    """Write out/README.md and out/loss_curves.png for the checkpoint ckpt_dir/tag (whose run.json is `info`) into
+    the export folder `out`, which already holds the weights and tokenizer; return the README path."""
     from model.config import EncoderConfig
 
     run_dir = Path(ckpt_dir).parent
@@ -264,7 +288,8 @@ def write_model_card(out: Path, ckpt_dir: Path, tag: str, info: dict, with_head:
     eval_data = read_manifest(cfg.get("eval", {}).get("path"))
     enc = EncoderConfig.from_dict(info["encoder"])
     plot_losses(scalars, out / PNG_NAME, f"{run_dir.name}: loss per objective up to step {step}")
-    text = render_card(info, tag, scalars, summary, train_data, eval_data, with_head, dtype, weight_files,
-                       verification, precision, enc.num_params(include_head=with_head))
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    text = render_card(info, tag, scalars, summary, train_data, eval_data, with_head, dtype, files, verification,
+                       precision, enc.num_params(include_head=with_head))
     (out / CARD_NAME).write_text(text, encoding="utf-8")
     return out / CARD_NAME

@@ -60,10 +60,12 @@ def collect(job_id: str) -> dict | None:
     if info is None:
         return None
     meta = parse_comment(info.comment)
-    out = {**asdict(info), "nodes": info.nodes, "kind": meta.get("kind", ""), "out_dir": meta.get("out_dir", ""),
+    # A pretraining job names its run directory, an export job its output folder.
+    out = {**asdict(info), "nodes": info.nodes, "kind": meta.get("kind", ""),
+           "out_dir": meta.get("out_dir") or meta.get("out", ""),
            "max_steps": int(meta["max_steps"]) if meta.get("max_steps", "").isdigit() else None,
            "last_step": None, "last_loss": None, "metrics": None}
-    if out["out_dir"]:
+    if out["kind"] == "pretrain" and out["out_dir"]:
         metrics = Path(out["out_dir"]) / "metrics.jsonl"
         out["metrics"] = str(metrics)
         record = last_jsonl_record(metrics)

@@ -76,10 +76,10 @@ def build(args: argparse.Namespace) -> tuple[str, Path]:
         return text, out_abs.parent / "slurm" / f"export-{out_abs.name}.sbatch"
     if not args.config:
         raise ValueError("submit needs --config, e.g. --config launch/configs/demo.yaml")
+    spec = JobSpec(job_name=args.job_name or f"cloze-{Path(args.config).stem}", **common)  # cheap checks first
     from launch.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    spec = JobSpec(job_name=args.job_name or f"cloze-{Path(args.config).stem}", **common)
     text = render_pretrain(args.config, list(args.overrides), spec, cfg.out_dir, cfg.train.max_steps)
     return text, log_dir(cfg.out_dir) / "pretrain.sbatch"
 

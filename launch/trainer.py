@@ -180,6 +180,10 @@ class Trainer:
             if self.evaluator and (self.step % self.cfg.eval.every == 0 or self.step == t.max_steps):
                 last_eval = self.evaluator.run(self.engine, self.device)
                 self.metrics.write(self.step, last_eval)
+            if self.step == t.stop_at and self.step < t.max_steps:
+                self.save()
+                log0(self.rank, f"stopped at step {self.step} (train.stop_at); run again to resume")
+                return {"steps": self.step, "stopped": True}
             if self.step < t.max_steps and self.preempt.requested():
                 self.save()
                 why = self.preempt.signal_name or "a signal to another rank"

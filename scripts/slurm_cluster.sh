@@ -8,14 +8,15 @@
 #
 # Needs root. Idempotent: `start` on a running cluster only checks it; `stop` on a stopped one does nothing. It never
 # overwrites a slurm.conf it did not write (that would break a real cluster's node): it stops with a message instead.
-# Knobs: CLOZE_SLURM_CPUS (CPUs each simulated node advertises, default 4: more than the cores, so jobs of the
-# tests can share the nodes instead of waiting), CLOZE_SLURM_TIMEOUT (seconds to wait for idle nodes, default 60).
+# Knobs: CLOZE_SLURM_CPUS (CPUs each simulated node advertises, default 8: more than the cores, so the tests'
+# three 2x2-rank jobs share the nodes at once instead of queueing), CLOZE_SLURM_TIMEOUT (seconds to wait for idle nodes, default 60).
 set -euo pipefail
 
 MARK="# written by cloze scripts/slurm_cluster.sh"
 CONF=/etc/slurm/slurm.conf
 NODES=(n1 n2)
-CPUS=${CLOZE_SLURM_CPUS:-4}
+CPUS=${CLOZE_SLURM_CPUS:-8}
+CONF_CHANGED=0
 WAIT=${CLOZE_SLURM_TIMEOUT:-60}
 PKGS=(munge slurmctld slurmd slurm-client)
 
@@ -102,6 +103,7 @@ EOF
   else
     mv "$tmp" "$CONF"
     chmod 644 "$CONF"
+    CONF_CHANGED=1
     log "wrote $CONF (${#NODES[@]} nodes x $CPUS CPUs on host $host)"
   fi
 }
@@ -192,6 +194,10 @@ cmd_start() {
   install_packages
   write_conf
   add_hosts
+  if [ "$CONF_CHANGED" = 1 ] && pid_alive /run/slurm/slurmctld.pid slurmctld; then
+    log "the configuration changed: restarting the running daemons"
+    cmd_stop
+  fi
   start_daemons
   wait_idle
 }
@@ -222,7 +228,7 @@ cmd_status() {
     pid_alive "/run/slurm/slurmd-$n.pid" slurmd && echo "slurmd $n: pid $(cat "/run/slurm/slurmd-$n.pid")" \
       || echo "slurmd $n: stopped"
   done
-  command -v sinfo >/dev/null && sinfo -N 2>&1 || true
+  if pid_alive /run/slurm/slurmctld.pid slurmctld; then sinfo -N 2>&1 || true; fi
 }
 
 case "${1:-}" in

@@ -1,16 +1,16 @@
-"""data/stream.py: packing invariants, per-epoch shard order, rank disjointness, exact resume, bad shards."""
+"""PackedStream (one source, in process): packing invariants, per-epoch shard order, rank disjointness, exact
+resume, and the checks on the layout and on saved states."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
-import webdataset
 
+from data.loader import Loader, LoaderConfig
 from data.stream import PackedStream
 from tests.test_data_helpers import dataset_dir, random_docs
 
@@ -26,18 +26,18 @@ def data(tmp_path_factory):
     return root, docs, manifest
 
 
-def _expected_tokens(stream: PackedStream, docs, manifest, epochs: int) -> np.ndarray:
-    """The framed token sequence this rank must read: shard order per epoch, documents in shard order."""
+def framed_sequence(plan, docs, manifest, rank: int, part: int, epochs: int) -> np.ndarray:
+    """The framed tokens partition (rank, part) must read: its shards per epoch, documents in shard order."""
     starts = np.cumsum([0] + [s.samples for s in manifest.shards])
     out = []
     for epoch in range(epochs):
-        for shard in stream.shard_order(epoch):
+        for shard in plan.shards(epoch, rank, part):
             for doc in docs[starts[shard] : starts[shard + 1]]:
                 out.append(np.concatenate([[2], doc, [3]]))
     return np.concatenate(out)
 
 
-def _take(stream: PackedStream, n: int) -> tuple[np.ndarray, np.ndarray]:
+def take(stream, n: int) -> tuple[np.ndarray, np.ndarray]:
     ids, docs = zip(*(next(stream) for _ in range(n)), strict=True)
     return torch.cat(ids).numpy(), torch.cat(docs).numpy()
 
@@ -45,12 +45,12 @@ def _take(stream: PackedStream, n: int) -> tuple[np.ndarray, np.ndarray]:
 def test_rows_are_the_framed_documents_cut_into_seq_len(data):
     root, docs, manifest = data
     stream = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=3)
-    epoch0 = stream.tokens_per_epoch
-    assert epoch0 == manifest.tokens + 2 * manifest.documents
-    n_batches = (2 * epoch0) // (SEQ * BATCH) + 2  # runs into the third epoch
-    ids, doc_ids = _take(stream, n_batches)
+    plan = stream.plans[0]
+    assert plan.epoch_tokens(0, 0, 0) == manifest.tokens + 2 * manifest.documents
+    n_batches = 2 * plan.epoch_tokens(0, 0, 0) // (SEQ * BATCH) + 2  # runs into the third epoch
+    ids, _ = take(stream, n_batches)
     assert ids.shape == (n_batches * BATCH, SEQ) and ids.dtype == np.int64
-    want = _expected_tokens(stream, docs, manifest, epochs=3)
+    want = framed_sequence(plan, docs, manifest, 0, 0, epochs=3)
     # nothing dropped, nothing padded, documents split across rows and epochs in order
     assert np.array_equal(ids.reshape(-1), want[: ids.size])
     assert stream.epoch == 2
@@ -58,50 +58,59 @@ def test_rows_are_the_framed_documents_cut_into_seq_len(data):
 
 def test_doc_ids_restart_per_row_and_count_documents(data):
     root, _, _ = data
-    ids, doc_ids = _take(PackedStream(root, seq_len=SEQ, batch_size=BATCH), 30)
+    ids, doc_ids = take(PackedStream(root, seq_len=SEQ, batch_size=BATCH), 30)
     for row, docs in zip(ids, doc_ids, strict=True):
         assert docs[0] == 0
         # a new document starts exactly where [CLS] (2) appears, except at position 0
-        starts = np.cumsum(row[1:] == 2)
-        assert np.array_equal(docs[1:], starts)
-        # documents inside a row are framed: every [CLS] after position 0 follows a [SEP]
+        assert np.array_equal(docs[1:], np.cumsum(row[1:] == 2))
         cls_at = np.flatnonzero(row == 2)
         assert all(row[i - 1] == 3 for i in cls_at if i > 0)
     assert (doc_ids.max(axis=1) > 0).any()  # some rows hold several documents
+    assert (ids != 0).all()  # no [PAD] anywhere
 
 
 def test_epoch_order_is_seeded_and_consumed_shards_recorded(data):
     root, _, manifest = data
-    a = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=11)
-    b = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=11)
-    assert a.shard_order(0) == b.shard_order(0)
-    assert sorted(a.shard_order(0)) == list(range(len(manifest.shards)))
-    assert a.shard_order(0) != a.shard_order(1) or a.shard_order(1) != a.shard_order(2)
-    assert a.shard_order(0) != PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=12).shard_order(0)
-    _take(a, (a.tokens_per_epoch // (SEQ * BATCH)) + 1)
-    names = [manifest.shards[i].file for i in a.shard_order(0)]
-    assert a.consumed_shards[: len(names)] == names
+    a = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=11).plans[0]
+    b = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=11).plans[0]
+    assert a.shards(0, 0, 0) == b.shards(0, 0, 0)
+    assert sorted(a.shards(0, 0, 0)) == list(range(len(manifest.shards)))
+    assert len({tuple(a.shards(e, 0, 0)) for e in range(4)}) > 1
+    assert a.shards(0, 0, 0) != PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=12).plans[0].shards(0, 0, 0)
+    stream = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=11)
+    take(stream, a.epoch_tokens(0, 0, 0) // (SEQ * BATCH) + 1)
+    names = [manifest.shards[i].file for i in a.shards(0, 0, 0)]
+    assert stream.consumed_shards[: len(names)] == names
 
 
 def test_two_ranks_read_disjoint_shards(data):
     root, _, manifest = data
     ranks = [PackedStream(root, seq_len=SEQ, batch_size=BATCH, rank=r, world_size=2, seed=4) for r in range(2)]
+    plan = ranks[0].plans[0]
     for epoch in range(3):
-        orders = [set(s.shard_order(epoch)) for s in ranks]
+        orders = [set(plan.shards(epoch, r, 0)) for r in range(2)]
         assert not orders[0] & orders[1]
         assert orders[0] | orders[1] == set(range(len(manifest.shards)))
-        assert sum(s.epoch_tokens(epoch) for s in ranks) == manifest.tokens + 2 * manifest.documents
-    for s in ranks:  # read a little over one epoch each
-        _take(s, s.tokens_per_epoch // (SEQ * BATCH) + 1)
-    first = [set(s.consumed_shards[: len(s.shard_order(0))]) for s in ranks]
+    for r, s in enumerate(ranks):  # read a little over one epoch each
+        take(s, plan.epoch_tokens(0, r, 0) // (SEQ * BATCH) + 1)
+    first = [set(s.consumed_shards[: len(plan.shards(0, r, 0))]) for r, s in enumerate(ranks)]
     assert not first[0] & first[1]
 
 
-def test_fewer_shards_than_ranks(data):
+def test_fewer_shards_than_ranks_is_an_error_than_workers_a_warning(data):
     root, _, manifest = data
     n = len(manifest.shards)
-    with pytest.raises(ValueError, match=f"at least {n + 1}.*--shard-bytes"):
+    with pytest.raises(ValueError, match=f"{n} shard.*{n + 1} ranks.*--shard-bytes"):
         PackedStream(root, seq_len=SEQ, batch_size=BATCH, rank=0, world_size=n + 1)
+    # 7 shards, 2 ranks x 4 workers: each rank has 3 or 4 shards, so 3 workers get one of every epoch
+    with pytest.warns(UserWarning, match="only 3 worker") as caught:
+        loader = Loader(LoaderConfig([(str(root), 1.0)], SEQ, BATCH, rank=1, world_size=2, num_workers=4,
+                                     worker_processes=False))
+    assert "--shard-bytes" in str(caught[0].message) and loader.partitions == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough shards: no warning
+        assert Loader(LoaderConfig([(str(root), 1.0)], SEQ, BATCH, world_size=2, num_workers=3,
+                                   worker_processes=False)).partitions == 3
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -112,25 +121,34 @@ def test_exact_resume_including_epoch_boundaries(data, rank):
         return PackedStream(root, seq_len=SEQ, batch_size=BATCH, rank=rank, world_size=2, seed=7)
 
     reference = make()
-    per_epoch = reference.tokens_per_epoch // (SEQ * BATCH)
+    per_epoch = reference.plans[0].end_rows(0, 0) // BATCH
     total = 3 * per_epoch + 4
-    ids, docs = _take(reference, total)
-    rows = [(ids[i * BATCH : (i + 1) * BATCH], docs[i * BATCH : (i + 1) * BATCH]) for i in range(total)]
+    ids, docs = take(reference, total)
+    rows = BATCH
     # resume points: start, mid-epoch, just before and after each epoch boundary
     states = []
     for n in sorted({0, 1, per_epoch // 2, per_epoch - 1, per_epoch, per_epoch + 1, 2 * per_epoch + 1}):
         first = make()
-        _take(first, n) if n else None
+        if n:
+            take(first, n)
         state = json.loads(json.dumps(first.state_dict()))  # must survive JSON
         states.append(state)
         resumed = make()
         resumed.load_state_dict(state)
         k = min(per_epoch + 3, total - n)
-        got_ids, got_docs = _take(resumed, k)
-        assert np.array_equal(got_ids, np.concatenate([r[0] for r in rows[n : n + k]])), n
-        assert np.array_equal(got_docs, np.concatenate([r[1] for r in rows[n : n + k]])), n
+        got_ids, got_docs = take(resumed, k)
+        assert np.array_equal(got_ids, ids[n * rows : (n + k) * rows]), n
+        assert np.array_equal(got_docs, docs[n * rows : (n + k) * rows]), n
+        assert resumed.stats() == make_stats_after(make, n + k)
+    positions = [s["partition_states"][0]["sources"][0] for s in states]
     # the points really include a cut inside a document and positions in later epochs
-    assert any(s["offset"] > 0 for s in states) and {s["epoch"] for s in states} >= {0, 1}
+    assert any(p["offset"] > 0 for p in positions) and {p["epoch"] for p in positions} >= {0, 1}
+
+
+def make_stats_after(make, n: int) -> dict:
+    stream = make()
+    take(stream, n)
+    return stream.stats()
 
 
 def test_state_from_another_setup_is_refused(data):
@@ -140,60 +158,14 @@ def test_state_from_another_setup_is_refused(data):
         PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="rank|world_size"):
         PackedStream(root, seq_len=SEQ, batch_size=BATCH, rank=1, world_size=2, seed=1).load_state_dict(state)
-    bad = dict(state, sample=10_000)
+    with pytest.raises(ValueError, match="batch_size"):
+        PackedStream(root, seq_len=SEQ, batch_size=BATCH + 1, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="version"):
+        PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=1).load_state_dict({"version": 1})
+    bad = json.loads(json.dumps(state))
+    bad["partition_states"][0]["sources"][0]["shard"] = 10_000
     with pytest.raises(ValueError, match="outside"):
         PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=1).load_state_dict(bad)
-
-
-def _replace_shard(root, index: int, members: list[tuple[str, bytes]]) -> str:
-    """Overwrite shard `index` with the given members and fix the manifest's size and hash for it."""
-    buffer = io.BytesIO()
-    with webdataset.TarWriter(buffer, encoder=False, mtime=0) as tar:
-        for name, payload in members:
-            key, suffix = name.split(".", 1)
-            tar.write({"__key__": key, suffix: payload})
-    raw = json.loads((root / "manifest.json").read_text())
-    entry = raw["shards"][index]
-    (root / entry["file"]).write_bytes(buffer.getvalue())
-    entry.update(bytes=len(buffer.getvalue()), sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
-    (root / "manifest.json").write_text(json.dumps(raw))
-    return entry["file"]
-
-
-def _read_everything(root):
-    stream = PackedStream(root, seq_len=SEQ, batch_size=1)
-    _take(stream, stream.tokens_per_epoch // SEQ + 2)
-
-
-def test_token_id_beyond_vocab_names_shard_and_key(tmp_path):
-    manifest = dataset_dir(tmp_path, random_docs(4, seed=1))
-    ok = np.array([9, 10], dtype="<u2").tobytes()
-    too_big = np.array([9, manifest.vocab_size], dtype="<u2").tobytes()
-    members = [("0000000000.ids", ok), ("0000000001.ids", too_big), ("0000000002.ids", ok), ("0000000003.ids", ok)]
-    name = _replace_shard(tmp_path, 0, members)
-    with pytest.raises(ValueError, match="vocab_size") as e:
-        _read_everything(tmp_path)
-    assert name in str(e.value) and "0000000001" in str(e.value)
-
-
-def test_foreign_member_names_shard_and_key(tmp_path):
-    dataset_dir(tmp_path, random_docs(2, seed=1))
-    ok = np.array([9, 10], dtype="<u2").tobytes()
-    name = _replace_shard(tmp_path, 0, [("0000000000.ids", ok), ("0000000001.pickle", b"\x80\x04.")])
-    with pytest.raises(ValueError, match="unexpected member") as e:
-        _read_everything(tmp_path)
-    assert name in str(e.value) and "0000000001" in str(e.value)
-
-
-def test_sample_count_mismatch(tmp_path):
-    dataset_dir(tmp_path, random_docs(3, seed=1))
-    ok = np.array([9, 10], dtype="<u2").tobytes()
-    _replace_shard(tmp_path, 0, [("0000000000.ids", ok), ("0000000001.ids", ok)])
-    with pytest.raises(ValueError, match="ends after 2 samples"):
-        _read_everything(tmp_path)
-    _replace_shard(tmp_path, 0, [(f"{i:010d}.ids", ok) for i in range(4)])
-    with pytest.raises(ValueError, match="more than the 3 samples"):
-        _read_everything(tmp_path)
 
 
 def test_argument_checks(data):
@@ -204,3 +176,9 @@ def test_argument_checks(data):
         PackedStream(root, seq_len=8, batch_size=1, rank=2, world_size=2)
     with pytest.raises(ValueError, match="launch.prepare"):
         PackedStream(root / "absent", seq_len=8, batch_size=1)
+    with pytest.raises(ValueError, match="on_bad_data"):
+        PackedStream(root, seq_len=8, batch_size=1, on_bad_data="ignore")
+    with pytest.raises(ValueError, match="weight"):
+        Loader(LoaderConfig([(str(root), 0.0)], 8, 1))
+    with pytest.raises(ValueError, match="twice"):
+        Loader(LoaderConfig([(str(root), 1.0), (str(root) + "/", 1.0)], 8, 1))

@@ -1,0 +1,218 @@
+"""Reading one source's shards for one partition, verified, under the on_bad_data policy.
+
+A shard is fetched whole (local file, http(s), pipe:), checked against the manifest (size, then sha256) before
+any of its samples is used, then parsed with WebDataset's tar iterator. Only members named `<key>.ids` are ever
+interpreted, and only as little-endian integers: no decoder runs, so a `.pickle`, `.pyd`, `.pth` or `.npy`
+member is never unpickled or imported; it is bad data like any other.
+
+Bad data and the policy:
+- shard level: `missing` (cannot be fetched), `size`, `sha256`, `not_tar` (the tar cannot be parsed),
+  `count` (a different number of members than the manifest lists);
+- sample level: `member` (not `<key>.ids`), `length` (not a whole number of ids), `vocab` (an id >= vocab size).
+With on_bad_data='fail' the first one raises BadDataError naming the shard (and the sample key); with 'skip' it
+is left out, counted under `skipped_shards/<reason>` or `skipped_samples/<reason>` and logged. If a whole epoch of
+a partition yields no usable document, the reader raises whatever the policy: skipping would otherwise spin
+forever.
+
+Positions are (epoch, shard position in the partition's list, member index in the shard), counting every
+member, bad ones included, so the same data always gives the same positions and a resumed reader skips and
+counts exactly what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from webdataset.tariterators import tar_file_iterator
+
+from data.location import FetchError, Location
+from data.manifest import Manifest
+from data.plan import SourcePlan
+
+ON_BAD_DATA = ("fail", "skip")
+SHARD_REASONS = ("missing", "size", "sha256", "not_tar", "count")
+SAMPLE_REASONS = ("member", "length", "vocab")
+_MEMBER_RE = re.compile(r"^(?P<key>[^/]+)\.ids$")
+_RERUN = "re-run `python -m launch.prepare` to rebuild the dataset, or set on_bad_data='skip' to leave it out"
+_SAMPLE_WARNINGS = 5  # per reader; later skipped samples are only counted
+log = logging.getLogger("cloze.data")
+
+Position = tuple[int, int, int]
+"""(epoch, shard position, member index)."""
+
+
+class BadDataError(ValueError):
+    """Bad data under on_bad_data='fail'; the message names the shard and, for a sample, its key."""
+
+
+@dataclass
+class Source:
+    """One prepared dataset as the loader uses it."""
+
+    index: int
+    """Position in the loader's source list (seeds its shard order)."""
+    label: str
+    """Short unique name used in metrics and shard names ('web', 'code')."""
+    weight: float
+    """Share of rows, normalised over the sources."""
+    location: Location
+    manifest: Manifest
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest.id_dtype).newbyteorder("<")
+
+    def framed_tokens(self) -> list[int]:
+        """Per shard: tokens plus [CLS] and [SEP] per document (what packing produces)."""
+        return [s.tokens + 2 * s.samples for s in self.manifest.shards]
+
+
+class SourceReader:
+    """Documents (token ids, no specials) of one source for one (rank, partition), epoch after epoch."""
+
+    def __init__(
+        self,
+        source: Source,
+        plan: SourcePlan,
+        rank: int,
+        part: int,
+        on_bad_data: str,
+        counters: dict[str, int],
+        opened: Callable[[str], None],
+    ):
+        if on_bad_data not in ON_BAD_DATA:
+            raise ValueError(f"on_bad_data={on_bad_data!r}; choose one of {ON_BAD_DATA}")
+        self.source, self.plan, self.rank, self.part = source, plan, rank, part
+        self.on_bad_data = on_bad_data
+        self.counters = counters
+        self._opened = opened
+        self._epoch = self._shard_pos = self._member = 0
+        self._members: list[tuple[str, bytes]] | None = None
+        self._loaded_at: tuple[int, int] | None = None  # (epoch, shard_pos) of _members
+        self._scan_start: tuple[int, int] | None = None  # epoch scanned from its first shard, docs found in it
+        self._sample_warnings = 0
+
+    @property
+    def position(self) -> Position:
+        """Where the next document is looked for."""
+        return self._epoch, self._shard_pos, self._member
+
+    def seek(self, position: Position) -> None:
+        epoch, shard_pos, member = (int(x) for x in position)
+        if epoch < 0 or member < 0 or not 0 <= shard_pos < len(self.plan.shards(epoch, self.rank, self.part)):
+            raise ValueError(f"loader state points outside source {self.source.label!r}: position {position}")
+        self._epoch, self._shard_pos, self._member = epoch, shard_pos, member
+        self._scan_start = None
+        if self._loaded_at != (epoch, shard_pos):
+            self._members, self._loaded_at = None, None
+
+    def next_doc(self) -> tuple[np.ndarray, Position]:
+        """The next usable document's ids and its position; moves past it."""
+        while True:
+            order = self.plan.shards(self._epoch, self.rank, self.part)
+            if self._shard_pos >= len(order):
+                self._next_epoch()
+                continue
+            if self._loaded_at != (self._epoch, self._shard_pos):
+                if self._shard_pos == 0 and self._member == 0:
+                    self._scan_start = (self._epoch, 0)
+                self._members = self._load(order[self._shard_pos])
+                self._loaded_at = (self._epoch, self._shard_pos)
+            members = self._members
+            if members is None or self._member >= len(members):
+                self._shard_pos, self._member = self._shard_pos + 1, 0
+                self._members, self._loaded_at = None, None
+                continue
+            position = self.position
+            name, payload = members[self._member]
+            self._member += 1
+            ids = self._decode(order[self._shard_pos], name, payload)
+            if ids is not None:
+                if self._scan_start is not None:
+                    self._scan_start = (self._scan_start[0], 1)
+                return ids, position
+
+    def _next_epoch(self) -> None:
+        if self._scan_start == (self._epoch, 0):
+            raise ValueError(
+                f"source {self.source.label!r}, rank {self.rank}, partition {self.part}: no usable document in all "
+                f"of epoch {self._epoch} ({self._skips()}); the data is unreadable, nothing is left to train on")
+        self._epoch, self._shard_pos, self._member = self._epoch + 1, 0, 0
+        self._members, self._loaded_at = None, None
+
+    def _skips(self) -> str:
+        parts = [f"{k} {v}" for k, v in sorted(self.counters.items()) if k.startswith("skipped_") and v]
+        return "skipped: " + ", ".join(parts) if parts else "nothing skipped"
+
+    # ----- one shard --------------------------------------------------------------------------------------------
+    def _url(self, index: int) -> str:
+        return self.source.location.url(self.source.manifest.shards[index].file)
+
+    def _bad_shard(self, index: int, reason: str, what: str) -> None:
+        message = f"shard {self._url(index)} (source {self.source.label!r}): {what}"
+        if self.on_bad_data == "fail":
+            raise BadDataError(f"{message}; {_RERUN}")
+        key = f"skipped_shards/{reason}"
+        self.counters[key] = self.counters.get(key, 0) + 1
+        log.warning("skipped %s", message)
+
+    def _load(self, index: int) -> list[tuple[str, bytes]] | None:
+        """The shard's (member name, payload) list, or None when it is skipped as bad."""
+        info = self.source.manifest.shards[index]
+        self._opened(info.file)
+        try:
+            data = self.source.location.read(info.file)
+        except FetchError as e:
+            self._bad_shard(index, "missing", f"cannot be read ({e})")
+            return None
+        if len(data) != info.bytes:
+            self._bad_shard(index, "size", f"{len(data)} bytes, the manifest says {info.bytes} (truncated or replaced?)")
+            return None
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            self._bad_shard(index, "sha256", "content differs from the manifest's sha256 (corrupted or replaced?)")
+            return None
+        try:
+            members = [(m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(data), skip_meta=None)]
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            self._bad_shard(index, "not_tar", f"not a readable tar file ({str(e).split(' @ ')[0] or type(e).__name__})")
+            return None
+        if len(members) != info.samples:
+            self._bad_shard(index, "count", f"{len(members)} members, the manifest lists {info.samples} samples")
+            return None
+        return members
+
+    def _decode(self, index: int, name: str, payload: bytes) -> np.ndarray | None:
+        """The member's ids, or None when it is skipped as bad (never anything but integers is decoded)."""
+        match = _MEMBER_RE.match(name)
+        key = match["key"] if match else name.split(".", 1)[0]
+        dtype, vocab = self.source.dtype, self.source.manifest.vocab_size
+        if match is None:
+            return self._bad_sample(index, key, "member", f"unexpected member {name!r}: only <key>.ids members are "
+                                                          "read and nothing else is ever decoded")
+        if len(payload) % dtype.itemsize:
+            return self._bad_sample(index, key, "length", f"{len(payload)} bytes is not a whole number of "
+                                                          f"{self.source.manifest.id_dtype} ids")
+        ids = np.frombuffer(payload, dtype=dtype)
+        if ids.size and int(ids.max()) >= vocab:
+            return self._bad_sample(index, key, "vocab", f"token id {int(ids.max())} >= vocab_size {vocab} (the "
+                                                         "shard does not belong to this tokenizer)")
+        return ids
+
+    def _bad_sample(self, index: int, key: str, reason: str, what: str) -> None:
+        message = f"shard {self._url(index)} (source {self.source.label!r}), sample key {key!r}: {what}"
+        if self.on_bad_data == "fail":
+            raise BadDataError(f"{message}; {_RERUN}")
+        counter = f"skipped_samples/{reason}"
+        self.counters[counter] = self.counters.get(counter, 0) + 1
+        self._sample_warnings += 1
+        if self._sample_warnings <= _SAMPLE_WARNINGS:
+            tail = "; further skipped samples are only counted" if self._sample_warnings == _SAMPLE_WARNINGS else ""
+            log.warning("skipped %s%s", message, tail)
+        return None

@@ -1,0 +1,136 @@
+"""launch/modelcard.py on run folders written by the same writers the trainer uses (torch's SummaryWriter,
+metrics.jsonl lines, summary.json, a real manifest), without training: resumed runs, the jsonl fallback, a card
+for an earlier checkpoint, and the PNG the card references."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.config import RunConfig
+from launch.modelcard import PNG_NAME, read_scalars, write_model_card
+from model.config import EncoderConfig
+
+
+def write_events(tb: Path, points: dict[str, list[tuple[int, float]]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tb))
+    for tag, series in points.items():
+        for step, value in series:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def run_info(data: Path, step: int, eval_path: str = "") -> dict:
+    cfg = RunConfig()
+    cfg.data.path, cfg.eval.path, cfg.train.zero_stage = str(data), eval_path, 2
+    cfg.objectives.mix = {"mlm": 0.7, "span": 0.2, "causal": 0.1}
+    cfg.objectives.params = {"mlm": {"rate": 0.3}}
+    enc = EncoderConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96)
+    return {"config": cfg.to_dict(), "encoder": enc.to_dict(), "world_size": 2, "zero_stage": 2, "step": step,
+            "tokens_seen": step * 4096, "manifest": str(data)}
+
+
+@pytest.fixture
+def resumed_run(tmp_path) -> Path:
+    """A run logged to step 30, restarted from its step-20 checkpoint and continued to step 40: TensorBoard holds
+    two event files and steps 22-30 twice."""
+    run = tmp_path / "run"
+    first = {"loss/mlm": [(s, 7.0 - 0.05 * s) for s in range(2, 31, 2)],
+             "loss/span": [(s, 7.5 - 0.05 * s) for s in range(5, 31, 5)],
+             "accuracy/mlm": [(s, 0.01 * s) for s in range(2, 31, 2)],
+             "eval/mlm_loss": [(10, 6.5), (20, 6.0), (30, 5.5)]}
+    write_events(run / "tensorboard", first)
+    time.sleep(0.05)  # the second file must be newer, as after a real restart
+    second = {"loss/mlm": [(s, 9.0) for s in range(22, 41, 2)],
+              "loss/span": [(s, 9.5) for s in range(25, 41, 5)],
+              "accuracy/mlm": [(s, 0.5) for s in range(22, 41, 2)],
+              "eval/mlm_loss": [(30, 4.0), (40, 3.0)]}
+    write_events(run / "tensorboard", second)
+    return run
+
+
+def test_resumed_run_keeps_the_latest_value_per_step(resumed_run):
+    scalars = read_scalars(resumed_run)
+    steps = [s for s, _, _ in scalars["loss/mlm"]]
+    assert steps == list(range(2, 41, 2)), "one point per step, in order"
+    values = dict((s, v) for s, v, _ in scalars["loss/mlm"])
+    assert values[20] == pytest.approx(6.0) and values[22] == values[30] == values[40] == 9.0
+    assert [(s, v) for s, v, _ in scalars["eval/mlm_loss"]] == [(10, 6.5), (20, 6.0), (30, 4.0), (40, 3.0)]
+    assert all(w > 0 for _, _, w in scalars["loss/mlm"]), "TensorBoard points carry their wall time"
+
+
+def test_max_step_documents_an_earlier_checkpoint(resumed_run):
+    scalars = read_scalars(resumed_run, max_step=20)
+    assert max(s for s, _, _ in scalars["loss/mlm"]) == 20
+    assert [(s, v) for s, v, _ in scalars["eval/mlm_loss"]] == [(10, 6.5), (20, 6.0)]
+
+
+def test_metrics_jsonl_when_there_is_no_tensorboard(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 1, "loss": {"mlm": 7.0}, "lr": 0.1}, {"step": 2, "loss": {"causal": 6.5}, "lr": 0.2},
+             {"step": 2, "eval/mlm_loss": 6.0, "eval/mlm_accuracy": 0.1}, {"step": 3, "loss": {"mlm": 6.0}, "lr": 0.3}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    scalars = read_scalars(run)
+    assert [(s, v) for s, v, _ in scalars["loss/mlm"]] == [(1, 7.0), (3, 6.0)]
+    assert [(s, v) for s, v, _ in scalars["loss/causal"]] == [(2, 6.5)]
+    assert [(s, v) for s, v, _ in scalars["eval/mlm_loss"]] == [(2, 6.0)]
+
+
+def card_for(run: Path, info: dict, summary: dict | None, with_head: bool = False) -> tuple[str, Path]:
+    ckpt = run / "checkpoints"
+    tag = f"step_{info['step']:08d}"
+    (ckpt / tag).mkdir(parents=True)
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+    out = run.parent / f"export-{info['step']}-{with_head}"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"")  # listed under Files; the card does not read weights
+    readme = write_model_card(out, ckpt, tag, info, with_head=with_head, dtype="bf16", precision="bf16")
+    return readme.read_text(), out
+
+
+def test_card_numbers_and_png(resumed_run, tiny_data):
+    info = run_info(tiny_data, step=40, eval_path=str(tiny_data))
+    summary = {"steps": 40, "tokens_seen": 40 * 4096, "wall_s": 754.0}
+    card, out = card_for(resumed_run, info, summary)
+    manifest = json.loads((tiny_data / "manifest.json").read_text())
+    for fact in ("40 optimizer steps", f"{40 * 4096:,} tokens", f"{manifest['totals']['tokens']:,}",
+                 f"{manifest['totals']['documents']:,}", "| mlm | 70% | {\"rate\": 0.3} |", "| span | 20% | defaults |",
+                 "12 min 34 s", "| precision | bf16 |", "| DeepSpeed ZeRO stage | 2 |", "2 data-parallel ranks",
+                 "| mlm | 9.0000 | 0.5000 |", "| mlm_loss | 3.0000 |", "`ModernBertModel` in bf16",
+                 "## Intended use", "## Limitations", "AutoModel.from_pretrained", "SentenceTransformer",
+                 "`model.safetensors`"):
+        assert fact in card, f"card lacks {fact!r}"
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
+    assert images == [PNG_NAME]
+    from matplotlib.image import imread
+
+    pixels = imread(out / PNG_NAME)
+    assert pixels.ndim == 3 and pixels.shape[0] >= 300 and pixels.shape[1] >= 900, pixels.shape  # two panels
+    assert pixels[..., :3].std() > 0.05, "the plot is blank"
+
+
+def test_card_for_an_earlier_checkpoint(resumed_run, tiny_data):
+    # summary.json describes step 40; the step-20 card must use the curves up to 20 and no wall time from it
+    info = run_info(tiny_data, step=20, eval_path=str(tiny_data))
+    card, _ = card_for(resumed_run, info, {"steps": 40, "tokens_seen": 1, "wall_s": 754.0}, with_head=True)
+    assert "20 optimizer steps" in card and "12 min 34 s" not in card
+    assert "| mlm | 6.0000 |" in card and "| mlm_loss | 6.0000 |" in card and "9.0000" not in card
+    assert "pipeline(\"fill-mask\"" in card and "ModernBertForMaskedLM" in card
+
+
+def test_card_without_eval_or_manifest(tmp_path):
+    run = tmp_path / "run"
+    write_events(run / "tensorboard", {"loss/mlm": [(1, 7.0), (2, 6.8)]})
+    info = run_info(tmp_path / "moved-away", step=2)
+    card, out = card_for(run, info, None)
+    assert "no evaluation set" in card
+    assert "moved-away" in card and "no longer there" in card
+    assert (out / PNG_NAME).is_file()
