@@ -154,7 +154,8 @@ def _json_text(line: str, source: str, text_field: str) -> str:
         raise ValueError(f"{source}: expected a JSON object per line, got {type(obj).__name__}")
     if text_field not in obj:
         keys = ", ".join(sorted(obj)[:10]) or "none"
-        raise ValueError(f"{source}: no field {text_field!r} (fields: {keys}); pass --text-field to pick the text field")
+        raise ValueError(f"{source}: no field {text_field!r} (fields: {keys}); pass --text-field to pick the "
+                         "text field")
     text = obj[text_field]
     if not isinstance(text, str):
         raise ValueError(f"{source}: field {text_field!r} is {type(text).__name__}, expected a string")

@@ -13,6 +13,7 @@ shard is hashed before a single sample of it is used.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,8 +109,19 @@ class Location:
         return parse_manifest(text, self.url(MANIFEST_NAME))
 
 
+_CURL_EXITS = {6: "host not found", 7: "could not connect", 22: "HTTP error, e.g. 404 not found", 28: "timed out",
+               35: "TLS handshake failed", 56: "connection reset"}
+
+
 def _first_line(e: BaseException) -> str:
+    """A short reason; WebDataset's pipe errors carry the whole argument tuple, reduced here to the exit status."""
     text = str(e).strip() or type(e).__name__
+    status = re.search(r"\bexit (\d+) \(read\)", text)
+    if status:
+        code = int(status[1])
+        tool = "curl" if "'curl'" in text else "the command"
+        hint = f": {_CURL_EXITS[code]}" if tool == "curl" and code in _CURL_EXITS else ""
+        return f"{tool} exited with status {code}{hint}"
     return text.splitlines()[0][:300]
 
 

@@ -188,8 +188,8 @@ def prepare(config: PrepareConfig, progress: Progress | None = None) -> PrepareR
         for ids in tokenizer.encode_batch(batch, num_threads=config.num_threads):
             if ids.size > longest:
                 split += 1
-            for start in range(0, ids.size, longest):
-                writer.add(ids[start : start + longest])
+            for cut in range(0, ids.size, longest):
+                writer.add(ids[cut : cut + longest])
         if progress is not None:
             progress(ProgressInfo("shards", stats.documents, writer.tokens, stats.input_bytes, total))
     shards = writer.close()

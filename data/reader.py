@@ -173,7 +173,8 @@ class SourceReader:
             self._bad_shard(index, "missing", f"cannot be read ({e})")
             return None
         if len(data) != info.bytes:
-            self._bad_shard(index, "size", f"{len(data)} bytes, the manifest says {info.bytes} (truncated or replaced?)")
+            self._bad_shard(index, "size", f"{len(data)} bytes, the manifest says {info.bytes} (truncated or "
+                                           "replaced?)")
             return None
         if hashlib.sha256(data).hexdigest() != info.sha256:
             self._bad_shard(index, "sha256", "content differs from the manifest's sha256 (corrupted or replaced?)")

@@ -22,6 +22,11 @@ def run_cli(main: Callable[[], int]) -> int:
         prefix = f"error (rank {rank}): " if rank not in (None, "0") else "error: "
         print(prefix + text, file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "TrainingHalted" or os.environ.get("CLOZE_DEBUG"):
+            raise
+        print(f"error: training halted: {e}", file=sys.stderr, flush=True)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -94,6 +94,11 @@ class TrainConfig:
     """ZeRO stage 0-3; None keeps the stage in the DeepSpeed config file."""
     deepspeed_config: str = "deepspeed_config.json"
     """The engine config; its batch and optimizer values may be 'auto' (filled from this config)."""
+    peak_tflops: float = 0.0
+    """Per-GPU peak (bf16 dense TFLOP/s) for MFU; 0 guesses from the device name (H100/H200: 989). MFU is not
+    reported on CPU."""
+    max_bad_steps: int = 5
+    """Steps in a row with a non-finite loss (each skipped) before the run halts with an error."""
     log_every: int = 10
     """Steps between progress lines and TensorBoard points."""
     checkpoint_every: int = 0
@@ -250,7 +255,7 @@ def validate(cfg: RunConfig) -> list[str]:
 
     p: list[str] = []
     t, d = cfg.train, cfg.data
-    for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
+    for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints", "max_bad_steps"):
         if getattr(t, name) < 1:
             p.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     for name in ("warmup_steps", "checkpoint_every", "stop_at"):

@@ -46,7 +46,9 @@ class Evaluator:
                 n = float(out.num_labels)
                 sums[i] += torch.tensor([out.loss.float().item() * n, n, float(out.num_correct)], dtype=torch.float64)
         if dist.is_initialized():
+            sums = sums.to(device)  # NCCL reduces GPU tensors only
             dist.all_reduce(sums)
+            sums = sums.cpu()
         if was_training:
             engine.train()
         result: dict[str, float] = {}

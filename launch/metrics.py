@@ -22,8 +22,33 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def peak_flops_for(device: torch.device, peak_tflops: float) -> float:
+    """FLOP/s of one accelerator for MFU: the configured value, else a guess by name; 0 (no MFU) on CPU."""
+    if device.type != "cuda":
+        return 0.0
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
+    name = torch.cuda.get_device_name(device)
+    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+    return next((v for k, v in table.items() if k in name), 0.0)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or this process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 class Metrics:
-    def __init__(self, out_dir: Path, objective_names: list[str], rank: int, max_steps: int, hparams: dict):
+    def __init__(self, out_dir: Path, objective_names: list[str], rank: int, max_steps: int, device: torch.device,
+                 hparams: dict, seq_len: int, flops_per_token: float, peak_tflops: float):
+        self.device = device
+        self.seq_len = seq_len
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops_for(device, peak_tflops)
         self.names = list(objective_names)
         self.rank = rank
         self.max_steps = max_steps
@@ -59,16 +84,22 @@ class Metrics:
 
     def log(self, step: int, lr: float, grad_norm: float | None, start_step: int) -> dict:
         """Collective at log steps: reduce the window over ranks, then rank 0 writes. Returns the reduced values."""
-        acc = self.acc.clone()
-        extra = torch.tensor([self.tokens, self.data_wait], dtype=torch.float64)
+        # One reduction for everything, on the device (NCCL reduces GPU tensors only).
+        flat = torch.cat([self.acc.flatten(), torch.tensor([self.tokens, self.data_wait], dtype=torch.float64)])
+        flat = flat.to(self.device)
         if dist.is_initialized():
-            dist.all_reduce(acc)
-            dist.all_reduce(extra)
+            dist.all_reduce(flat)
+        flat = flat.cpu()
+        acc, extra = flat[:-2].reshape(self.acc.shape), flat[-2:]
         now = time.perf_counter()
         window = max(now - self.t_window, 1e-9)
         world = dist.get_world_size() if dist.is_initialized() else 1
         out: dict = {"lr": lr, "tokens_per_s": extra[0].item() / window,
                      "data_wait_share": extra[1].item() / (window * world)}
+        out["samples_per_s"] = out["tokens_per_s"] / self.seq_len
+        if self.peak_flops:
+            out["mfu"] = out["tokens_per_s"] * self.flops_per_token / (self.peak_flops * world)
+        out["memory_gib"] = peak_memory_gib(self.device)
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
         for i, name in enumerate(self.names):
@@ -100,6 +131,20 @@ class Metrics:
         self.jsonl.flush()
         print(f"eval @ step {step}: " + " | ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items()),
               file=sys.stderr, flush=True)
+
+    def hparams(self, cfg, final: dict[str, float]) -> None:
+        """TensorBoard's HPARAMS tab: the knobs people compare runs by, against the final metrics."""
+        if self.rank != 0:
+            return
+        t = cfg.train
+        hp = {"lr": t.lr, "schedule": t.schedule, "warmup_steps": t.warmup_steps, "max_steps": t.max_steps,
+              "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "seq_len": cfg.data.seq_len,
+              "weight_decay": t.weight_decay, "precision": t.precision, "seed": t.seed,
+              "mix": ",".join(f"{k}={v}" for k, v in cfg.objectives.mix.items()),
+              **{f"model.{k}": v for k, v in cfg.model.items() if isinstance(v, (int, float, str, bool))}}
+        metrics = {f"hparam/{k}": v for k, v in final.items() if isinstance(v, float) and v == v}
+        self.writer.add_hparams(hp, metrics, run_name=".")
+        self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

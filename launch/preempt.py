@@ -18,8 +18,8 @@ HANDLED = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class Preemption:
-    def __init__(self, rank: int):
-        self.rank = rank
+    def __init__(self, rank: int, device: torch.device):
+        self.rank, self.device = rank, device
         self.signal_name: str | None = None
         self._flag = False
         self._previous = {}
@@ -35,7 +35,7 @@ class Preemption:
 
     def requested(self) -> bool:
         """Collective (every rank calls it at the same step): True when any rank has been signalled."""
-        flag = torch.tensor([1.0 if self._flag else 0.0])
+        flag = torch.tensor([1.0 if self._flag else 0.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

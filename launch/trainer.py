@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from launch import checkpoint
 from launch.config import ConfigError, RunConfig, config_hash
@@ -22,6 +23,10 @@ from launch.metrics import Metrics, fmt_duration
 from launch.optim import build_optimizer, build_scheduler
 from launch.preempt import Preemption
 from launch.preflight import preflight
+
+
+class TrainingHalted(RuntimeError):
+    """The run cannot usefully continue (e.g. repeated non-finite losses); the CLI exits 3 with this message."""
 
 
 def log0(rank: int, msg: str) -> None:
@@ -90,6 +95,8 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_steps = self.skipped_micro_batches = self.bad_in_a_row = 0
+        self.fault_nan_steps = {int(s) for s in os.environ.get("CLOZE_FAULT_NAN_STEPS", "").split(",") if s.strip()}
         self._maybe_resume()
         self.evaluator = None
         if cfg.eval.path:
@@ -97,9 +104,14 @@ class Trainer:
 
             self.evaluator = Evaluator(cfg.eval.path, cfg.data.seq_len, t.micro_batch_size, cfg.eval.batches,
                                        self.rank, self.world, self.tok_info, seed=cfg.eval.seed)
-        self.preempt = Preemption(self.rank)
-        self.metrics = Metrics(self.out_dir, list(self.objectives), self.rank, t.max_steps,
-                               {"config": cfg.to_dict(), "deepspeed": ds_config})
+        self.preempt = Preemption(self.rank, self.device)
+        from launch.plan import expected_labelled_fraction
+
+        self.metrics = Metrics(self.out_dir, list(self.objectives), self.rank, t.max_steps, self.device,
+                               {"config": cfg.to_dict(), "deepspeed": ds_config}, seq_len=cfg.data.seq_len,
+                               flops_per_token=self.enc_cfg.flops_per_token(cfg.data.seq_len,
+                                                                            expected_labelled_fraction(cfg)),
+                               peak_tflops=t.peak_tflops)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _run_info(self) -> dict:
@@ -111,6 +123,7 @@ class Trainer:
     def _rank_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "rank": self.rank, "world_size": self.world,
                 "config_hash": config_hash(self.cfg), "stream": self.stream.state_dict(),
+                "skipped_steps": self.skipped_steps,
                 "mixer": self.mixer.state_dict(), "consumed_shards": list(self.stream.consumed_shards)}
 
     def save(self) -> str:
@@ -134,9 +147,30 @@ class Trainer:
         self.stream.load_state_dict(state["stream"])
         self.mixer.load_state_dict(state["mixer"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         log0(self.rank, f"resumed from {self.ckpt_dir / tag} at step {self.step}")
 
     # -- training ------------------------------------------------------------------------------------------------
+    def _forward(self, batch):
+        return self.engine(
+            input_ids=batch.input_ids.to(self.device), labels=batch.labels.to(self.device),
+            doc_ids=batch.doc_ids.to(self.device), attention=batch.attention,
+            prefix_len=None if batch.prefix_len is None else batch.prefix_len.to(self.device))
+
+    def _null_batch(self, batch):
+        from objectives.batch import IGNORE_INDEX, Batch
+
+        ids = torch.full_like(batch.input_ids, self.tok_info.pad_id)
+        return Batch(input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX), doc_ids=torch.zeros_like(ids),
+                     attention="bidirectional", objective="null")
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Collective: True only if the loss is finite on every rank (all ranks must skip together)."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # on the device: NCCL reduces GPU tensors only
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
+
     def train(self) -> dict:
         from objectives import step_generator
 
@@ -152,6 +186,7 @@ class Trainer:
         self.engine.train()
         while self.step < t.max_steps:
             step_losses = {}
+            bad_step = False
             for micro in range(t.grad_accum):
                 micro_step = self.step * t.grad_accum + micro
                 name = self.mixer.choose(micro_step)
@@ -161,16 +196,35 @@ class Trainer:
                 gen = step_generator(t.seed, self.rank, self.step, micro)
                 batch = self.objectives[name](rows, doc_ids, gen, self.tok_info)
                 self.mixer.record(name, batch)
-                out = self.engine(
-                    input_ids=batch.input_ids.to(self.device), labels=batch.labels.to(self.device),
-                    doc_ids=batch.doc_ids.to(self.device), attention=batch.attention,
-                    prefix_len=None if batch.prefix_len is None else batch.prefix_len.to(self.device))
-                self.engine.backward(out.loss)
+                out = self._forward(batch)
+                loss = out.loss
+                if self.step + 1 in self.fault_nan_steps and micro == 0 and self.rank == 0:
+                    loss = loss * float("nan")  # fault injection (tests): CLOZE_FAULT_NAN_STEPS
+                if self._all_finite(loss):
+                    self.engine.backward(loss)
+                    value = loss.item()
+                    step_losses[name] = value
+                    self.metrics.micro(name, value, int(out.num_labels), int(out.num_correct), rows.numel(), wait)
+                else:
+                    # Keep DeepSpeed's accumulation counters and every rank's collectives in step: backward a
+                    # loss that is exactly 0 on a harmless batch (all [PAD], no labels) instead of the bad one.
+                    bad_step = True
+                    self.skipped_micro_batches += 1
+                    self.engine.backward(self._forward(self._null_batch(batch)).loss)
                 self.engine.step()
-                loss = out.loss.item()
-                step_losses[name] = loss
                 self.tokens_seen += rows.numel() * self.world
-                self.metrics.micro(name, loss, int(out.num_labels), int(out.num_correct), rows.numel(), wait)
+            if bad_step:
+                self.skipped_steps += 1
+                self.bad_in_a_row += 1
+                log0(self.rank, f"step {self.step + 1}: non-finite loss; its micro-batch contributed no gradient "
+                                f"({self.bad_in_a_row} in a row, {self.skipped_steps} in all)")
+                if self.bad_in_a_row >= t.max_bad_steps:
+                    raise TrainingHalted(
+                        f"{self.bad_in_a_row} steps in a row with a non-finite loss (last: step {self.step + 1}); "
+                        f"halting. Resume from the last checkpoint ({self.ckpt_dir}) with a lower train.lr, or "
+                        f"check the data around this position")
+            else:
+                self.bad_in_a_row = 0
             self.step += 1
             lr = self.scheduler.get_last_lr()[0]
             self.metrics.step_record(self.step, {"loss": step_losses, "lr": lr})
@@ -192,15 +246,21 @@ class Trainer:
                 return {"steps": self.step, "preempted": True}
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                 self.save()
-        self.save()
+        tag = self.save()
         wall = time.perf_counter() - t0
-        log0(self.rank, f"trained steps {start + 1}..{self.step} in {fmt_duration(wall)}; "
-                        f"tokens seen {self.tokens_seen}")
-        summary = {"steps": self.step, "tokens_seen": self.tokens_seen, "wall_s": wall, "final": last,
-                   "eval": last_eval,
-                   "checkpoint": str(self.ckpt_dir), "tensorboard": str(self.out_dir / "tensorboard")}
+        tokens_now = (self.step - start) * t.micro_batch_size * t.grad_accum * self.world * self.cfg.data.seq_len
+        summary = {"steps": self.step, "steps_this_launch": self.step - start, "tokens_seen": self.tokens_seen,
+                   "wall_s": round(wall, 2), "mean_tokens_per_s": round(tokens_now / max(wall, 1e-9), 1),
+                   "skipped_steps": self.skipped_steps, "skipped_micro_batches": self.skipped_micro_batches,
+                   "final": last, "eval": last_eval, "objectives": self.mixer.counts(),
+                   "checkpoint": str(self.ckpt_dir / tag), "tensorboard": str(self.out_dir / "tensorboard")}
         if self.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+            self.metrics.hparams(self.cfg, {**last, **last_eval})
+        log0(self.rank, f"run summary: steps {start + 1}..{self.step} in {fmt_duration(wall)}, "
+                        f"{summary['mean_tokens_per_s'] / 1e3:.1f}k tokens/s mean, {self.tokens_seen:,} tokens seen, "
+                        f"{self.skipped_steps} steps with a skipped micro-batch; checkpoint {summary['checkpoint']}; "
+                        f"summary {self.out_dir / 'summary.json'}")
         return summary
 
     def close(self) -> None:

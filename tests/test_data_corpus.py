@@ -141,3 +141,63 @@ def test_empty_corpus_lists_inputs(tmp_path):
 def test_unknown_decode_policy_rejected(tmp_path):
     with pytest.raises(ValueError, match="decode_errors"):
         list(iter_documents([_touch(tmp_path / "a.py")], decode_errors="ignore"))
+
+
+def _jsonl_bytes(texts, field="text") -> bytes:
+    return "".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)).encode()
+
+
+def test_compressed_jsonl_and_parquet_read_like_jsonl(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    texts = [f"document {i} café\n    indented" for i in range(700)] + [""]
+    plain = tmp_path / "a.jsonl"
+    plain.write_bytes(_jsonl_bytes(texts))
+    gz = tmp_path / "b.jsonl.gz"
+    gz.write_bytes(gzip.compress(_jsonl_bytes(texts)))
+    zst = tmp_path / "c.JSONL.ZST"  # suffixes match case-insensitively
+    # two concatenated frames, as sharded dumps often are
+    half = len(texts) // 2
+    c = zstandard.ZstdCompressor()
+    zst.write_bytes(c.compress(_jsonl_bytes(texts[:half])) + c.compress(_jsonl_bytes(texts[half:])))
+    pq_path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"id": list(range(len(texts))), "body": texts[:-1] + [None]}), pq_path,
+                   row_group_size=100)
+    assert expand_inputs([str(tmp_path)]) == [plain, gz, zst, pq_path]
+    for path, field in ((plain, "text"), (gz, "text"), (zst, "text"), (pq_path, "body")):
+        stats = CorpusStats()
+        docs = list(iter_documents([path], text_field=field, stats=stats))
+        assert [t for _, t in docs] == texts, path
+        assert stats.empty == 1 and stats.input_bytes == path.stat().st_size
+    assert docs[3][0] == f"{pq_path}:row4"
+
+
+def test_new_formats_name_their_problems(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(_jsonl_bytes(["x" * 50] * 2000))[:300])
+    with pytest.raises(ValueError, match="truncated") as e:
+        list(iter_documents([cut]))
+    assert "cut.jsonl.gz" in str(e.value)
+    garbage = tmp_path / "g.jsonl.zst"
+    garbage.write_bytes(b"definitely not zstd" * 10)
+    with pytest.raises(ValueError, match="g.jsonl.zst.*(damaged|decompress)"):
+        list(iter_documents([garbage]))
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"content": ["a"], "n": [1]}), table)
+    with pytest.raises(ValueError, match="no column 'text' \\(columns: content, n\\).*--text-field"):
+        list(iter_documents([table]))
+    with pytest.raises(ValueError, match="column 'n' has type int64"):
+        list(iter_documents([table], text_field="n"))
+    fake = tmp_path / "fake.parquet"
+    fake.write_bytes(b"PAR1 nope")
+    with pytest.raises(ValueError, match="fake.parquet: not a readable parquet file"):
+        list(iter_documents([fake]))

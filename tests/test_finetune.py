@@ -77,3 +77,65 @@ def write_rows(path: Path, held_out: bool) -> None:
             for w in (words[-HELD_OUT:] if held_out else words[:-HELD_OUT]):
                 for frame in FRAMES:
                     out.writerow([frame.format(w=w), label])
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> dict[str, Path]:
+    """Corpus -> prepared shards -> a 2-rank MLM pretraining run -> an export; plus the labelled CSVs."""
+    root = tmp_path_factory.mktemp("finetune")
+    write_corpus(root / "corpus", docs=4000, seed=0)
+    # 480 pieces: about the most this narrow corpus yields, enough for most topic words to be one piece
+    run_cli(["launch.prepare", "--input", str(root / "corpus" / "*.jsonl"), "--out", str(root / "data"),
+             "--vocab-size", "480", "--shard-bytes", "400000"], check=True)
+    run_cli(["launch.train", "--config", "launch/configs/tiny.yaml", "--nproc", "2", f"out_dir={root / 'run'}",
+             f"data.path={root / 'data'}", "objectives.mix={mlm: 1.0}", "train.max_steps=300", "train.log_every=50",
+             "train.warmup_steps=10"], check=True)
+    run_cli(["launch.export", "--checkpoint", str(root / "run"), "--out", str(root / "export"), "--no-card"],
+            check=True)
+    write_rows(root / "train.csv", held_out=False)
+    write_rows(root / "eval.csv", held_out=True)
+    return {"export": root / "export", "train": root / "train.csv", "eval": root / "eval.csv", "root": root}
+
+
+def finetune_cli(task: dict[str, Path], name: str, *extra: str) -> dict:
+    report = task["root"] / f"{name}.json"
+    proc = run_cli(["launch.finetune", "--export", str(task["export"]), "--train", str(task["train"]),
+                    "--eval", str(task["eval"]), "--epochs", "8", "--lr", "1e-3", "--report", str(report), *extra],
+                   check=True)
+    assert proc.stdout.startswith("accuracy "), proc.stdout
+    return json.loads(report.read_text())
+
+
+def test_pretrained_encoder_beats_random_init(task):
+    pretrained = finetune_cli(task, "pretrained")
+    random_init = finetune_cli(task, "random", "--random-init")
+    print(f"\nsupport e-mail task, 90 eval rows with unseen topic words (chance 0.33): pretrained encoder "
+          f"{pretrained['accuracy']:.3f}, random init of the same shape {random_init['accuracy']:.3f}")
+    # the pretrained classifier starts from the export's encoder: only the classification layers are new
+    assert pretrained["newly_initialised"] and all(k.startswith(("classifier.", "head."))
+                                                   for k in pretrained["newly_initialised"])
+    assert pretrained["correct"] == round(pretrained["accuracy"] * pretrained["rows"]) and pretrained["rows"] == 90
+    # Both fit the training rows; only pretraining generalises to the unseen topic words. Over seeds 0-3 the
+    # pretrained model scored 0.69-0.79 and random init 0.27-0.41 (a gap of at least 0.28); with 90 rows one
+    # accuracy's standard error is about 0.05, so a 0.15 gap and a 0.55 floor hold with wide margins.
+    assert pretrained["train_accuracy"] >= 0.9 and random_init["train_accuracy"] >= 0.9
+    assert pretrained["accuracy"] >= 0.55, pretrained["accuracy"]
+    assert pretrained["accuracy"] - random_init["accuracy"] >= 0.15, (pretrained["accuracy"], random_init["accuracy"])
+
+
+def test_bad_csv_is_a_clear_error(task, tmp_path, capsys):
+    from launch.cli import run_cli as handle_errors
+    from launch.finetune import main
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("message,category\nhello,billing\n")
+    code = handle_errors(lambda: main(["--export", str(task["export"]), "--train", str(bad),
+                                       "--eval", str(task["eval"])]))
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.csv" in err and "lacks ['label', 'text']" in err, err
+    unseen = tmp_path / "unseen.csv"
+    unseen.write_text("text,label\nhello,billing\nhi,refunds\n")
+    code = handle_errors(lambda: main(["--export", str(task["export"]), "--train", str(task["train"]),
+                                       "--eval", str(unseen)]))
+    err = capsys.readouterr().err
+    assert code == 2 and "['refunds'] never occur" in err, err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -139,3 +140,58 @@ def test_hf_tokenizer_in_output_matches(corpus, tmp_path, capsys):
     assert hf.model_max_length == 128
     for text in texts[:5]:
         assert hf(text)["input_ids"] == [2, *tok.encode(text), 3]
+
+
+def test_several_inputs_after_one_flag_and_repeated_flags(corpus, tmp_path, capsys):
+    folder, texts = corpus
+    model = trained_model()
+    one = ["--input", folder / "extra.jsonl", folder / "src"]
+    two = ["--input", folder / "extra.jsonl", "--input", folder / "src"]
+    for args, out in ((one, tmp_path / "one"), (two, tmp_path / "two")):
+        assert _run(capsys, *args, "--out", out, "--tokenizer", model)[0] == 0
+    assert _tree(tmp_path / "one") == _tree(tmp_path / "two")
+    assert load_manifest(tmp_path / "one").documents == len(texts)
+
+
+def test_long_documents_are_split_and_shards_stay_bounded(tmp_path, capsys):
+    tok = Tokenizer(trained_model())
+    long_text = "".join(synthetic_corpus(120, seed=3))  # one document of ~100 kB
+    short = synthetic_corpus(3, seed=4)
+    folder = tmp_path / "in"
+    write_text_files(folder, [long_text, *short])
+    out = tmp_path / "out"
+    limit = 20480
+    code, stdout, _ = _run(capsys, "--input", folder, "--out", out, "--tokenizer", trained_model(),
+                           "--shard-bytes", limit)
+    assert code == 0 and "1 split" in stdout
+    manifest = load_manifest(out, verify_hashes=True)
+    assert manifest.split_documents == 1 and all(s.bytes <= limit for s in manifest.shards)
+    samples = []
+    for path in manifest.shard_paths:
+        with tarfile.open(path) as tar:
+            samples += [np.frombuffer(tar.extractfile(m).read(), "<u2") for m in tar.getmembers()]
+    want = tok.encode(long_text)
+    pieces = len(samples) - len(short)
+    assert pieces > 1 and np.array_equal(np.concatenate(samples[:pieces]), want)  # split, nothing dropped
+    # --max-document-tokens caps samples below what a shard allows
+    capped = tmp_path / "capped"
+    assert _run(capsys, "--input", folder, "--out", capped, "--tokenizer", trained_model(),
+                "--max-document-tokens", 100)[0] == 0
+    m = load_manifest(capped)
+    assert m.documents == sum(-(-len(tok.encode(t)) // 100) for t in [long_text, *short])
+
+
+def test_progress_bar_reports_rates_and_eta(corpus, tmp_path):
+    from data.pipeline import PrepareConfig, prepare
+    from launch.prepare import progress_line
+
+    folder, _ = corpus
+    seen = []
+    prepare(PrepareConfig(inputs=[str(folder)], out_dir=tmp_path / "o", tokenizer=trained_model()), seen.append)
+    shards = [p for p in seen if p.phase == "shards"]
+    assert shards and shards[-1].input_bytes == shards[-1].total_bytes > 0
+    assert shards[-1].tokens == load_manifest(tmp_path / "o").tokens
+    snapshot = dataclasses.replace(shards[-1], documents=100, tokens=50_000, input_bytes=1000, total_bytes=4000)
+    line = progress_line(snapshot, elapsed=10.0)
+    assert line == ("[prepare] tokenizing  25% |######------------------| 100 docs (10/s), 50.0k tokens (5.0k/s), "
+                    "ETA 0:00:30")

@@ -123,3 +123,21 @@ def test_resume_is_bit_exact(tiny_data, tmp_path):
     assert [r["step"] for r in b] == list(range(1, 13)), "a gap or a repeated step in the resumed curve"
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
+
+
+def test_nan_loss_skips_the_step_and_repeated_nans_halt(tiny_data, tmp_path):
+    common = ["launch.train", "--config", "launch/configs/tiny.yaml", "--nproc", "2", f"data.path={tiny_data}",
+              "train.max_steps=8", "train.log_every=4"]
+    proc = run_cli([*common, f"out_dir={tmp_path / 'one'}"], env={"CLOZE_FAULT_NAN_STEPS": "3"}, check=True)
+    assert "step 3: non-finite loss" in proc.stderr
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 8
+    steps = read_steps(tmp_path / "one")
+    assert steps[2]["step"] == 3 and steps[2]["loss"] == {}  # the skipped micro-batch logged no loss
+    finite = [v for s in steps for v in s["loss"].values()]
+    assert len(finite) == 7 and all(v == v and abs(v) < 100 for v in finite)  # weights stayed finite afterwards
+
+    proc = run_cli([*common, f"out_dir={tmp_path / 'many'}", "train.max_bad_steps=2"],
+                   env={"CLOZE_FAULT_NAN_STEPS": "2,3,4"})
+    assert proc.returncode != 0
+    assert "training halted: 2 steps in a row with a non-finite loss (last: step 3)" in proc.stderr
