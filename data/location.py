@@ -59,6 +59,8 @@ class Location:
         if self.spec.startswith("pipe:"):
             head = self.spec.split("{}", 1)[0].rstrip("/")
             return head.rsplit("/", 1)[-1] or "pipe"
+        if self.is_local:
+            return self.folder.resolve().name or "data"
         tail = self.spec.rstrip("/").rsplit("/", 1)[-1]
         return tail or "data"
 

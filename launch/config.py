@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,6 +289,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.eval.path and not Path(cfg.eval.path).exists():
         p.append(f"eval.path: not found: {cfg.eval.path} (prepare held-out shards with launch.prepare, or set "
                  f"eval.path='' to disable evaluation)")
+    p += _check_writable("out_dir", Path(cfg.out_dir))
     if not Path(d.path).exists():
         p.append(f"data.path: not found: {d.path} (write it with: python -m launch.prepare --input ... --out {d.path})")
     if d.seq_len < 8:
@@ -326,6 +328,18 @@ def validate(cfg: RunConfig) -> list[str]:
         except ValueError as e:
             p.append(f"objectives.{name}: {e}")
     return p
+
+
+def _check_writable(key: str, path: Path) -> list[str]:
+    """The run directory must be creatable and writable: finding out at the first checkpoint wastes the run."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return [f"{key}: cannot create {path}: {probe} is not a directory"]
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return [f"{key}: {probe} is not writable (needed for {path}); choose another {key}"]
+    return []
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -20,6 +20,7 @@ state_dict() (plain JSON types) so that they survive a resume.
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -40,7 +41,9 @@ def _check_weights(where: str, weights: Any, known: Collection[str] | None, prob
     ok = True
     for name, w in weights.items():
         if known is not None and name not in known:
-            problems.append(f"{where}: unknown objective {name!r} (valid: {', '.join(sorted(known))})")
+            close = difflib.get_close_matches(str(name), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{where}: unknown objective {name!r}{hint} (valid: {', '.join(sorted(known))})")
         if isinstance(w, bool) or not isinstance(w, (int, float)):
             problems.append(f"{where}: weight of {name!r} must be a number, got {w!r}")
             ok = False

@@ -4,6 +4,7 @@ a checkpoint that reloads and continues, and the export of that checkpoint loadi
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,12 @@ def test_progress_and_tensorboard(tiny_run):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    for name in ("loss/mlm", "loss/span", "loss/causal", "lr", "tokens_per_s"):
+    for name in ("loss/mlm", "loss/span", "loss/causal", "accuracy/mlm", "lr", "tokens_per_s", "samples_per_s",
+                 "grad_norm", "data_wait_share", "memory_gib"):
         assert name in tags, (name, tags)
+        values = [e.value for e in acc.Scalars(name)]
+        assert values and all(math.isfinite(v) for v in values), (name, values)
+    assert "mfu" not in tags  # CPU: no peak to divide by, so no made-up MFU
 
 
 def test_checkpoint_reloads_and_continues(tiny_run, tiny_data):
