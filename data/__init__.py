@@ -1,2 +1,3 @@
 """Data side of cloze: corpus readers, SentencePiece tokenizer (+ HF export), tar shards + manifest, and the
-packed, resumable stream the trainer reads. Never imports objectives/ or model/."""
+loader the trainer reads (data.loader.build_loader: packed rows, several sources mixed by weight, worker
+processes, exact resume, bad-data policy). Never imports objectives/ or model/."""

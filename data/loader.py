@@ -285,12 +285,34 @@ class Loader:
         nxt = state.get("next_partition")
         if not isinstance(parts, list) or len(parts) != self.partitions or nxt not in range(self.partitions):
             raise ValueError("loader state is damaged: partition_states / next_partition do not fit this loader")
+        for part, saved in enumerate(parts):
+            self._check_positions(part, saved)
         self.close()
         self._states, self._next = [dict(s) for s in parts], int(nxt)
         if self.config.num_workers == 0 or not self.config.worker_processes:
             # build now, so a state that does not fit the data fails here and not at the next batch
             self._streams = [PartitionStream(self.sources, self.plans, self.schedule, self.spec(p), self._states[p])
                              for p in range(self.partitions)]
+
+    def _check_positions(self, part: int, saved: Any) -> None:
+        """Cheap shape and range checks, so a damaged state fails at load time in every mode."""
+        problem = ""
+        positions = saved.get("sources") if isinstance(saved, dict) else None
+        if not isinstance(positions, list) or len(positions) != len(self.sources):
+            problem = "wrong number of sources"
+        else:
+            for plan, pos in zip(self.plans, positions, strict=True):
+                keys = ("epoch", "shard", "member", "offset", "rows")
+                if not isinstance(pos, dict) or not all(isinstance(pos.get(k), int) and pos[k] >= 0 for k in keys):
+                    problem = f"bad position {pos!r}"
+                elif pos["shard"] >= len(plan.shards(pos["epoch"], self.config.rank, part)):
+                    problem = f"position {pos!r} is past the partition's shards"
+        counters = saved.get("counters", {}) if isinstance(saved, dict) else None
+        if not problem and not (isinstance(counters, dict) and all(isinstance(v, int) for v in counters.values())):
+            problem = "bad counters"
+        if problem:
+            raise ValueError(f"loader state for partition {part} points outside the data or is damaged ({problem}); "
+                             "was it saved for this dataset?")
 
     # ----- reporting ----------------------------------------------------------------------------------------
     @property

@@ -72,18 +72,21 @@ class Location:
             return self.spec.replace("{}", relpath)
         return self.spec.rstrip("/") + "/" + relpath
 
-    def read(self, relpath: str) -> bytes:
-        """The whole file; FetchError (naming the URL) when it cannot be had."""
+    def read(self, relpath: str, limit: int | None = None) -> bytes:
+        """The whole file, or its first limit + 1 bytes when it is longer than limit (so a shard that is too big
+        is found without holding all of it); FetchError (naming the URL) when it cannot be had."""
         url = self.url(relpath)
+        want = -1 if limit is None else limit + 1
         if self.is_local:
             try:
-                return Path(url).read_bytes()
+                with open(url, "rb") as f:
+                    return f.read(want)
             except OSError as e:
                 raise FetchError(f"{url}: {e.strerror or e}") from None
         stream = None
         try:
             stream = gopen(url, "rb")
-            data = stream.read()
+            data = stream.read(want)
             stream.close()  # a pipe's exit status (curl's 22 for an HTTP error) is checked here
             stream = None
         except (OSError, ValueError) as e:

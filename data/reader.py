@@ -168,13 +168,13 @@ class SourceReader:
         info = self.source.manifest.shards[index]
         self._opened(info.file)
         try:
-            data = self.source.location.read(info.file)
+            data = self.source.location.read(info.file, limit=info.bytes)
         except FetchError as e:
             self._bad_shard(index, "missing", f"cannot be read ({e})")
             return None
         if len(data) != info.bytes:
-            self._bad_shard(index, "size", f"{len(data)} bytes, the manifest says {info.bytes} (truncated or "
-                                           "replaced?)")
+            size = f"{len(data)} bytes" if len(data) < info.bytes else "longer"
+            self._bad_shard(index, "size", f"{size}, the manifest says {info.bytes} (truncated or replaced?)")
             return None
         if hashlib.sha256(data).hexdigest() != info.sha256:
             self._bad_shard(index, "sha256", "content differs from the manifest's sha256 (corrupted or replaced?)")

@@ -20,12 +20,15 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from launch.checkpoint import TAG_RE, load_run_info, resolve_checkpoint
 from launch.cli import run_cli
+
+if TYPE_CHECKING:
+    from model.config import EncoderConfig
 
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 """Bound on |export - cloze| of hidden states, per dtype of the export (the issue's acceptance bounds)."""
@@ -115,7 +118,10 @@ def check_checkpoint(ckpt_dir: Path, tag: str, info: dict) -> None:
     missing, found = [], []
     for pattern in expected_files(stage, world):
         hits = sorted(tag_dir.glob(pattern))
-        (found.extend(hits) if hits else missing.append(pattern.lstrip("*")))
+        if hits:
+            found.extend(hits)
+        else:
+            missing.append(pattern.lstrip("*"))
     if not (tag_dir / "tokenizer" / "spm.model").is_file():
         missing.append("tokenizer/spm.model")
     if missing:
@@ -127,7 +133,7 @@ def check_checkpoint(ckpt_dir: Path, tag: str, info: dict) -> None:
         _load_pt(f)  # names the damaged file; mmap makes this cheap for large shards
 
 
-def _stage0_master(state: dict, cfg) -> dict[str, torch.Tensor] | None:
+def _stage0_master(state: dict, cfg: EncoderConfig) -> dict[str, torch.Tensor] | None:
     """fp32 master weights of a stage-0 bf16 run: DeepSpeed's bf16 wrapper keeps them in optimizer.fp32_groups,
     in the order of cloze's optimizer param groups (launch/optim.py). None when the module is already fp32."""
     from launch.optim import param_groups
@@ -148,7 +154,7 @@ def _stage0_master(state: dict, cfg) -> dict[str, torch.Tensor] | None:
     return {n: t for ns, ts in zip(ordered, groups) for n, t in zip(ns, ts)}
 
 
-def lazy_state_dict(ckpt_dir: Path, tag: str, zero_stage: int, cfg=None) -> dict[str, Any]:
+def lazy_state_dict(ckpt_dir: Path, tag: str, zero_stage: int, cfg: EncoderConfig | None = None) -> dict[str, Any]:
     """EncoderForPretraining keys -> fp32 tensors or DeepSpeed's lazy GatheredTensor (`.contiguous()` gives the
     tensor). Nothing is materialised: stage-0 and ZeRO-1/2 tensors are views of memory-mapped files (DeepSpeed
     concatenates ZeRO-1/2 partitions into one fp32 vector per param group), ZeRO-3 parameters are gathered on use."""
@@ -176,7 +182,7 @@ def training_precision(ckpt_dir: Path, tag: str, zero_stage: int) -> str:
     return "bf16" if (ds.get("bf16") or {}).get("enabled") else "fp32"
 
 
-def check_shapes(lazy: dict[str, Any], cfg, source: Path) -> None:
+def check_shapes(lazy: dict[str, Any], cfg: EncoderConfig, source: Path) -> None:
     """Keys and shapes equal those of EncoderForPretraining(cfg), or a ValueError listing the differences."""
     from model.heads import EncoderForPretraining
 
@@ -343,7 +349,8 @@ def export(checkpoint: str | Path, out: str | Path, with_head: bool = False, dty
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         meta = write_export(checkpoint, tmp, with_head, dtype, max_shard)
-        result = verify(tmp, checkpoint) if verify_export else None
+        # the tag directory, not `checkpoint`: a run still training may move `latest` meanwhile
+        result = verify(tmp, meta["ckpt_dir"] / meta["tag"]) if verify_export else None
         if card:
             from launch.modelcard import write_model_card
 

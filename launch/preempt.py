@@ -47,9 +47,10 @@ class Preemption:
             return False
         from launch.slurm.client import requeue
 
-        requeue(job)
-        print(f"[cloze] requeued Slurm job {job}; it resumes from `latest` when it starts again",
+        # Print first: once Slurm accepts the requeue it stops srun, which carries our output.
+        print(f"[cloze] requeueing Slurm job {job}; it resumes from `latest` when it starts again",
               file=sys.stderr, flush=True)
+        requeue(job)
         return True
 
     def restore(self) -> None:

@@ -101,6 +101,7 @@ def test_token_id_beyond_vocab_fails_naming_shard_and_key(three_shards):
     [
         ("flip_byte", "sha256"),  # same size, different content: only the hash sees it
         ("truncate_file", "size"),
+        ("grow_file", "size"),  # read only up to the manifest's size + 1: an endless stream cannot exhaust memory
         ("missing", "missing"),
         ("not_tar_but_listed", "not_tar"),  # manifest agrees with the bytes: the tar parser must refuse them
         ("tar_cut_in_member_data_but_listed", "not_tar"),
@@ -116,6 +117,8 @@ def test_damaged_shard_fail_or_skip(three_shards, damage, reason):
         target.write_bytes(data[:600] + bytes([data[600] ^ 0xFF]) + data[601:])
     elif damage == "truncate_file":
         target.write_bytes(data[:1000])
+    elif damage == "grow_file":
+        target.write_bytes(data + bytes(1 << 20))
     elif damage == "missing":
         target.unlink()
     elif damage == "not_tar_but_listed":

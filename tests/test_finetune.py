@@ -42,7 +42,8 @@ CONTEXTS = {
                 "The {w} on my card does not match the plan I bought.", "I paid, but the {w} still says unpaid."],
     "technical": ["The app stopped working after the {w}.", "I get a blank page and a {w} when I open it.",
                   "Since yesterday the {w} makes my laptop unusable.", "Nothing happens when I click, maybe a {w}?",
-                  "Your support site shows a {w} on every device I try.", "I restarted twice but the {w} is still there."],
+                  "Your support site shows a {w} on every device I try.",
+                  "I restarted twice but the {w} is still there."],
     "feedback": ["Your team did a fantastic job, here is my {w}.", "I just wanted to share a {w} about the new look.",
                  "Keep up the good work, one small {w} from me.", "We love the product and wrote a {w} for you.",
                  "A happy customer here with a {w} for the designers.", "Thank you all, my {w} is only positive."],
@@ -88,7 +89,7 @@ def task(tmp_path_factory) -> dict[str, Path]:
     run_cli(["launch.prepare", "--input", str(root / "corpus" / "*.jsonl"), "--out", str(root / "data"),
              "--vocab-size", "480", "--shard-bytes", "400000"], check=True)
     run_cli(["launch.train", "--config", "launch/configs/tiny.yaml", "--nproc", "2", f"out_dir={root / 'run'}",
-             f"data.path={root / 'data'}", "objectives.mix={mlm: 1.0}", "train.max_steps=300", "train.log_every=50",
+             f"data.path={root / 'data'}", "objectives.mix={mlm: 1.0}", "train.max_steps=400", "train.log_every=50",
              "train.warmup_steps=10"], check=True)
     run_cli(["launch.export", "--checkpoint", str(root / "run"), "--out", str(root / "export"), "--no-card"],
             check=True)
@@ -115,9 +116,10 @@ def test_pretrained_encoder_beats_random_init(task):
     assert pretrained["newly_initialised"] and all(k.startswith(("classifier.", "head."))
                                                    for k in pretrained["newly_initialised"])
     assert pretrained["correct"] == round(pretrained["accuracy"] * pretrained["rows"]) and pretrained["rows"] == 90
-    # Both fit the training rows; only pretraining generalises to the unseen topic words. Over seeds 0-3 the
-    # pretrained model scored 0.69-0.79 and random init 0.27-0.41 (a gap of at least 0.28); with 90 rows one
-    # accuracy's standard error is about 0.05, so a 0.15 gap and a 0.55 floor hold with wide margins.
+    # Both fit the training rows; only pretraining generalises to the unseen topic words. Measured over fine-tuning
+    # seeds 0-3: pretrained 0.76-0.84, random init 0.27-0.41 (gap >= 0.35). With 90 rows an accuracy's standard
+    # error is about 0.05, so the 0.55 floor and the 0.15 gap leave three or more standard errors of margin. 400
+    # pretraining steps, not fewer: the transfer appears between 150 steps (chance) and 300 (about 0.7).
     assert pretrained["train_accuracy"] >= 0.9 and random_init["train_accuracy"] >= 0.9
     assert pretrained["accuracy"] >= 0.55, pretrained["accuracy"]
     assert pretrained["accuracy"] - random_init["accuracy"] >= 0.15, (pretrained["accuracy"], random_init["accuracy"])

@@ -98,7 +98,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(runs, sig):
     assert len(stopped) == 1 and f"on SIG{sig}" in stopped[0], run.why()
     k = int(stopped[0].split()[4])
     assert run.signalled_after_step <= k < STEPS
-    assert f"[cloze] requeued Slurm job {run.job_id}" in log
+    # Nobody but the trainer asks for a requeue here. Its own "requeued" line may be lost: Slurm stops srun, which
+    # carries the ranks' output, as soon as the requeue is accepted; slurmstepd's line is written directly.
+    assert f"[cloze] requeueing Slurm job {run.job_id}" in log or "DUE TO JOB REQUEUE" in log, run.why()
     assert f"[cloze] job {run.job_id} start 2 on n[1-2]" in log
     assert f"resumed from {run.out_dir / 'checkpoints' / f'step_{k:08d}'} at step {k}" in log, run.why()
     # The loss curve: every step exactly once, none lost between the checkpoint and the requeue.
