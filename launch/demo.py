@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         py, "-m", "launch.train", "--config", "launch/configs/demo.yaml", "--nproc", str(args.nproc),
         f"out_dir={train}", f"data.path={data}", *args.overrides])
     timings["export"] = stage("export: encoder only, verified with transformers", [
-        py, "-m", "launch.export", "--checkpoint", str(train), "--out", str(export)])
+        py, "-m", "launch.export", "--checkpoint", str(train), "--out", str(export), "--overwrite"])
 
     summary = json.loads((train / "summary.json").read_text())
     final = summary.get("final", {})

@@ -54,6 +54,8 @@ class Trainer:
         pre = preflight(cfg, self.world)
         ds_config, precision, tok = pre.ds_config, pre.precision, pre.tokenizer
         self.zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
+        device_name = torch.cuda.get_device_name(self.device) if has_gpu else "CPU"
+        self.hardware = f"{self.world} x {device_name} ({precision}, ZeRO-{self.zero_stage})"
         self.manifest, self.tokenizer_dir = pre.manifest, pre.tokenizer_dir
         self.tok_info = TokenInfo(
             vocab_size=tok.vocab_size, pad_id=tok.pad_id, cls_id=tok.cls_id, sep_id=tok.sep_id, mask_id=tok.mask_id,
@@ -117,7 +119,7 @@ class Trainer:
     def _run_info(self) -> dict:
         return {"config": self.cfg.to_dict(), "config_hash": config_hash(self.cfg),
                 "encoder": self.enc_cfg.to_dict(), "world_size": self.world, "zero_stage": self.zero_stage,
-                "step": self.step, "tokens_seen": self.tokens_seen,
+                "step": self.step, "tokens_seen": self.tokens_seen, "hardware": self.hardware,
                 "manifest": str(Path(self.cfg.data.path).resolve())}
 
     def _rank_state(self) -> dict:
