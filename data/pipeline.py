@@ -105,7 +105,8 @@ class ProgressInfo:
     """A snapshot handed to the progress callback now and then."""
 
     phase: str
-    """'tokenizer' (reading the corpus to sample the tokenizer's training text) or 'shards' (tokenizing)."""
+    """'tokenizer' (reading the corpus to sample the tokenizer's training text), 'training' (once, when
+    SentencePiece starts training) or 'shards' (tokenizing)."""
     documents: int
     """Documents read so far in this phase."""
     tokens: int
@@ -152,6 +153,8 @@ def _install_tokenizer(config: PrepareConfig, paths: list[Path], progress: Progr
             if progress is not None and i % 200 == 0:
                 progress(ProgressInfo("tokenizer", stats.documents, 0, stats.input_bytes, total))
             yield text
+        if progress is not None:  # the sample is drawn; SentencePiece now trains without reporting
+            progress(ProgressInfo("training", stats.documents, 0, stats.input_bytes, total))
 
     train_tokenizer(
         texts(),

@@ -187,7 +187,12 @@ class SourceReader:
         if len(members) != info.samples:
             self._bad_shard(index, "count", f"{len(members)} members, the manifest lists {info.samples} samples")
             return None
-        return members
+        # Shards hold documents in corpus order (files of one package, pages of one site, side by side); reading
+        # them in that order makes every batch a run of near-duplicates. The whole shard is in memory anyway, so
+        # visit its documents in a permutation seeded by (seed, source, epoch, shard): still a pure function of
+        # the position, so resume stays exact.
+        order = np.random.default_rng([self.plan.seed, self.plan.source_index, self._epoch, index])
+        return [members[i] for i in order.permutation(len(members))]
 
     def _decode(self, index: int, name: str, payload: bytes) -> np.ndarray | None:
         """The member's ids, or None when it is skipped as bad (never anything but integers is decoded)."""

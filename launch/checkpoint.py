@@ -91,6 +91,11 @@ def prune(ckpt_dir: Path, keep: int) -> None:
     for tag in tags[:-keep] if keep > 0 else []:
         if tag != latest:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    universal = ckpt_dir / "universal"  # conversions made for a world-size change (launch/resume.py)
+    if universal.is_dir():
+        for d in universal.iterdir():
+            if not (ckpt_dir / d.name).is_dir():
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def load_rank_state(ckpt_dir: Path, tag: str, rank: int) -> dict:

@@ -32,9 +32,19 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     path: str = "runs/demo/data"
-    """Directory written by `python -m launch.prepare` (holds manifest.json, the shards and the tokenizer)."""
+    """Directory written by `python -m launch.prepare` (manifest.json, shards, tokenizer). Its tokenizer is the
+    run's; it is also the only source unless `sources` is set."""
+    sources: dict[str, float] = field(default_factory=dict)
+    """Several sources mixed by token share, e.g. {runs/web: 0.7, runs/code: 0.3}; each a prepared directory, an
+    http(s):// base URL or a pipe: command, all prepared with the same tokenizer as `path`. Empty: {path: 1.0}."""
     seq_len: int = 128
     """Tokens per packed row."""
+    num_workers: int = 0
+    """Loader worker processes per rank (0: read in the training process). Part of the data order: resume with
+    the same value."""
+    on_bad_data: str = "fail"
+    """'fail': a corrupt or foreign shard or sample stops the run naming it; 'skip': skip it, count it, report the
+    counts in the metrics and the run summary."""
 
 
 @dataclass
@@ -292,6 +302,15 @@ def validate(cfg: RunConfig) -> list[str]:
     p += _check_writable("out_dir", Path(cfg.out_dir))
     if not Path(d.path).exists():
         p.append(f"data.path: not found: {d.path} (write it with: python -m launch.prepare --input ... --out {d.path})")
+    if d.num_workers < 0:
+        p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if d.on_bad_data not in ("fail", "skip"):
+        p.append(f"data.on_bad_data: must be fail or skip, got {d.on_bad_data!r}")
+    for src, w in d.sources.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+            p.append(f"data.sources.{src}: weight must be a positive number, got {w!r}")
+        elif "://" not in src and not src.startswith("pipe:") and not Path(src).exists():
+            p.append(f"data.sources.{src}: not found (a prepared directory, an http(s):// URL or pipe:)")
     if d.seq_len < 8:
         p.append(f"data.seq_len: must be >= 8, got {d.seq_len}")
 

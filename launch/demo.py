@@ -12,6 +12,7 @@ their own data:
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import shutil
 import subprocess
@@ -49,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     out = Path(args.out)
-    data, train, export = out / "data", out / "train", out / "export"
+    data, heldout, train, export = out / "data", out / "heldout", out / "train", out / "export"
+    # Held-out evaluation text: the stdlib's own tests whose names start with test_a (about 0.5 MB), never trained on.
+    heldout_glob = str(Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_a*.py")
+    use_heldout = not args.input and bool(glob.glob(heldout_glob))
     py = sys.executable
     t0 = time.perf_counter()
     timings = {}
@@ -58,22 +62,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # The stdlib folder of a virtualenv-less interpreter also holds site-packages: keep only the stdlib.
         extra = ["--exclude", "*/site-packages/*", "--exclude", "*/dist-packages/*"] if not args.input else []
+        if use_heldout:
+            extra += ["--exclude", heldout_glob]
         inputs = args.input or [stdlib_glob()]
         timings["prepare"] = stage("prepare: train the tokenizer, write shards", [
             py, "-m", "launch.prepare", *[a for i in inputs for a in ("--input", i)], *extra,
             "--out", str(data), "--shard-bytes", "4000000", "--model-max-length", "1024"])
+        if use_heldout:
+            timings["prepare held-out"] = stage("prepare: held-out evaluation shards, same tokenizer", [
+                py, "-m", "launch.prepare", "--input", heldout_glob, "--out", str(heldout),
+                "--tokenizer", str(data / "tokenizer" / "spm.model"), "--shard-bytes", "100000"])
+    eval_args = [f"eval.path={heldout}"] if use_heldout and (heldout / "manifest.json").is_file() else []
     if train.exists():
         # The demo always trains from scratch; real runs resume from `latest` instead.
         shutil.rmtree(train)
     timings["train"] = stage(f"train: {args.nproc} ranks, DeepSpeed", [
         py, "-m", "launch.train", "--config", "launch/configs/demo.yaml", "--nproc", str(args.nproc),
-        f"out_dir={train}", f"data.path={data}", *args.overrides])
+        f"out_dir={train}", f"data.path={data}", *eval_args, *args.overrides])
     timings["export"] = stage("export: encoder only, verified with transformers", [
         py, "-m", "launch.export", "--checkpoint", str(train), "--out", str(export), "--overwrite"])
 
     summary = json.loads((train / "summary.json").read_text())
     final = summary.get("final", {})
     losses = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in final.items() if k.startswith("loss/"))
+    ev = summary.get("eval") or {}
+    if ev:
+        losses += "; held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in ev.items()
+                                              if k.endswith("_loss") or k.endswith("perplexity"))
     print(f"""
 cloze main job finished in {fmt_duration(time.perf_counter() - t0)}
   ({", ".join(f"{k} {fmt_duration(v)}" for k, v in timings.items())})

@@ -132,6 +132,16 @@ class Metrics:
         print(f"eval @ step {step}: " + " | ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in values.items()),
               file=sys.stderr, flush=True)
 
+    def data(self, step: int, stats: dict[str, int]) -> None:
+        """Loader counters (already summed over ranks): TensorBoard always, a warning line when data was skipped."""
+        if self.rank != 0:
+            return
+        for k, v in stats.items():
+            self.writer.add_scalar(f"data/{k}", v, step)
+        skipped = {k: v for k, v in stats.items() if k.startswith("skipped_") and v}
+        if skipped:
+            print(f"warning: data skipped so far (on_bad_data=skip): {skipped}", file=sys.stderr, flush=True)
+
     def hparams(self, cfg, final: dict[str, float]) -> None:
         """TensorBoard's HPARAMS tab: the knobs people compare runs by, against the final metrics."""
         if self.rank != 0:

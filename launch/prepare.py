@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text-field", default="text", help="JSONL field or parquet column holding the text")
     ap.add_argument("--max-tokenizer-sentences", type=int, default=8000,
                     help="segments (<= 1024 characters) sampled to train the tokenizer")
-    ap.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                    help="fnmatch pattern on absolute paths to leave out, e.g. '*/site-packages/*'; repeatable")
+    ap.add_argument("--exclude", action="extend", nargs="+", default=[], metavar="PATTERN",
+                    help="fnmatch patterns on absolute paths to leave out, e.g. '*/site-packages/*'; several after "
+                         "one flag, or the flag repeated")
     ap.add_argument("--on-decode-error", choices=("skip", "error"), default="skip",
                     help="a document that is not UTF-8: skip it with a warning (default) or stop")
     ap.add_argument("--threads", type=int, default=None, help="tokenization threads (default: all cores)")
@@ -90,6 +91,10 @@ class _Progress:
         if info.phase != self.phase:  # rates and ETA are per phase
             self.done()
             self.phase, self.start, self.last = info.phase, now, now
+            if info.phase == "training":
+                print(f"[prepare] training the tokenizer on a sample of {info.documents:,} documents "
+                      "(no progress is reported while it trains)", file=sys.stderr, flush=True)
+                return
         if now - self.last < (PROGRESS_TTY_EVERY_S if self.tty else PROGRESS_EVERY_S):
             return
         self.last = now

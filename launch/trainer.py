@@ -23,6 +23,7 @@ from launch.metrics import Metrics, fmt_duration
 from launch.optim import build_optimizer, build_scheduler
 from launch.preempt import Preemption
 from launch.preflight import preflight
+from launch.resume import plan_resume, restart_epoch
 
 
 class TrainingHalted(RuntimeError):
@@ -38,7 +39,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv):
         import deepspeed
 
-        from data.stream import PackedStream
+        from data.loader import build_loader
         from model.config import EncoderConfig
         from model.heads import EncoderForPretraining
         from objectives import build_objective
@@ -82,19 +83,27 @@ class Trainer:
         n_params = sum(p.numel() for p in model.parameters())
         log0(self.rank, f"model: {n_params / 1e6:.2f}M parameters ({self.enc_cfg.num_layers} layers, "
                         f"hidden {self.enc_cfg.hidden_size}, vocab {tok.vocab_size})")
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        # Before initialize: a checkpoint from another world size needs DeepSpeed's universal loading switched on.
+        self.resume_plan = plan_resume(self.ckpt_dir, self.world, self.rank, ds_config)
         optimizer = build_optimizer(model, t)
         scheduler = build_scheduler(optimizer, t)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
-        self.stream = PackedStream(cfg.data.path, seq_len=cfg.data.seq_len, batch_size=t.micro_batch_size,
-                                   rank=self.rank, world_size=self.world, seed=t.seed)
+        d = cfg.data
+        sources = [(k, float(v)) for k, v in d.sources.items()] or [(d.path, 1.0)]
+        self.stream = build_loader(sources, seq_len=d.seq_len, batch_size=t.micro_batch_size, rank=self.rank,
+                                   world_size=self.world, seed=t.seed, num_workers=d.num_workers,
+                                   on_bad_data=d.on_bad_data)
+        if self.stream.manifest.tokenizer_sha256 != self.manifest.tokenizer_sha256:
+            raise ConfigError([f"data.sources were prepared with another tokenizer than data.path ({d.path}); "
+                               f"prepare every source with `launch.prepare --tokenizer {pre.tokenizer_dir}/spm.model`"])
         self.mixer = Mixer(dict(cfg.objectives.mix), seed=t.seed)
         self.objectives = {name: build_objective(name, dict(cfg.objectives.params.get(name) or {}),
                                                  mode_tokens=cfg.objectives.mode_tokens)
                            for name in cfg.objectives.mix}
-        self.out_dir = Path(cfg.out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = self.skipped_micro_batches = self.bad_in_a_row = 0
@@ -135,22 +144,25 @@ class Trainer:
         return tag
 
     def _maybe_resume(self) -> None:
-        tag = checkpoint.read_latest(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
-        if tag is None:
+        plan = self.resume_plan
+        if plan is None:
             return
-        info = checkpoint.load_run_info(self.ckpt_dir, tag)
-        if info["world_size"] != self.world:
-            raise ConfigError([f"checkpoint {self.ckpt_dir / tag} was written by {info['world_size']} ranks, this run "
-                               f"has {self.world}; resuming on another world size is not supported yet"])
-        state = checkpoint.load_rank_state(self.ckpt_dir, tag, self.rank)
-        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        load_path, _ = self.engine.load_checkpoint(str(plan.load_dir), tag=plan.tag)
         if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load {self.ckpt_dir / tag}")
-        self.stream.load_state_dict(state["stream"])
+            raise FileNotFoundError(f"DeepSpeed could not load {plan.load_dir / plan.tag}")
+        # This rank's own state, or old rank 0's in a reshaped world (step, tokens and mixer agree on every rank).
+        state = plan.states[0]
         self.mixer.load_state_dict(state["mixer"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped_steps = state.get("skipped_steps", 0)
-        log0(self.rank, f"resumed from {self.ckpt_dir / tag} at step {self.step}")
+        if plan.reshaped:
+            epoch = restart_epoch(plan.states)
+            self.stream.restart_epoch(epoch)
+            log0(self.rank, f"resumed from {self.ckpt_dir / plan.tag} at step {self.step} on {self.world} ranks "
+                            f"(written by {plan.old_world}): the data restarts epoch {epoch} with the new split")
+        else:
+            self.stream.load_state_dict(state["stream"])
+            log0(self.rank, f"resumed from {self.ckpt_dir / plan.tag} at step {self.step}")
 
     # -- training ------------------------------------------------------------------------------------------------
     def _forward(self, batch):
@@ -158,6 +170,20 @@ class Trainer:
             input_ids=batch.input_ids.to(self.device), labels=batch.labels.to(self.device),
             doc_ids=batch.doc_ids.to(self.device), attention=batch.attention,
             prefix_len=None if batch.prefix_len is None else batch.prefix_len.to(self.device))
+
+    def _data_stats(self) -> dict[str, int]:
+        """The loader's counters (skipped shards/samples by reason, tokens per source) summed over ranks."""
+        stats = self.stream.stats()
+        if not (dist.is_initialized() and self.world > 1):
+            return stats
+        every: list = [None] * self.world  # ranks may hold different keys (a skip seen by one rank only)
+        dist.all_gather_object(every, stats)
+        total: dict[str, int] = {}
+        for rank_stats in every:
+            for k, v in rank_stats.items():
+                # Counters add up over ranks; an epoch is a position, so keep the furthest.
+                total[k] = max(total.get(k, 0), v) if k.startswith("epoch/") else total.get(k, 0) + v
+        return total
 
     def _null_batch(self, batch):
         from objectives.batch import IGNORE_INDEX, Batch
@@ -233,6 +259,7 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 gn = self.engine.get_global_grad_norm()
                 last = self.metrics.log(self.step, lr, None if gn is None else float(gn), start)
+                self.metrics.data(self.step, self._data_stats())
             if self.evaluator and (self.step % self.cfg.eval.every == 0 or self.step == t.max_steps):
                 last_eval = self.evaluator.run(self.engine, self.device)
                 self.metrics.write(self.step, last_eval)
@@ -254,6 +281,7 @@ class Trainer:
         summary = {"steps": self.step, "steps_this_launch": self.step - start, "tokens_seen": self.tokens_seen,
                    "wall_s": round(wall, 2), "mean_tokens_per_s": round(tokens_now / max(wall, 1e-9), 1),
                    "skipped_steps": self.skipped_steps, "skipped_micro_batches": self.skipped_micro_batches,
+                   "data": self._data_stats(),
                    "final": last, "eval": last_eval, "objectives": self.mixer.counts(),
                    "checkpoint": str(self.ckpt_dir / tag), "tensorboard": str(self.out_dir / "tensorboard")}
         if self.rank == 0:
@@ -266,6 +294,7 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        self.stream.close()
         self.metrics.close()
         self.preempt.restore()
 
