@@ -8,13 +8,21 @@
 Layout. Each rank serves `partitions` = max(1, num_workers) disjoint partitions of every source's shards
 (data/plan.py); with num_workers > 0 each partition is a worker process, and batches are taken from the
 partitions in strict round robin, so the batch sequence is a pure function of (data, seed, rank, world size,
-num_workers, seq_len, batch_size) and never of timing. Shards < ranks is an error; shards < ranks x workers
-gives a warning and fewer workers (every worker needs a shard of every source).
+num_workers, seq_len, batch_size, shuffle_documents) and never of timing. Shards < ranks is an error; shards <
+ranks x workers gives a warning and fewer workers (every worker needs a shard of every source).
 
 Exact resume. Every batch travels with its partition's state right after it. The loader remembers, per
 partition, the state attached to the last batch it handed out, and which partition is next; that is
 state_dict(). Batches prefetched by workers but never handed out are not in it, so a restarted loader produces
 exactly the batches an uninterrupted one would have, across epoch boundaries and with any number of workers.
+
+Document order. Shards are written in corpus order, so near-duplicates sit side by side; each shard's documents
+are read in a permutation seeded by (seed, source, epoch, shard) (SourcePlan.documents; shuffle_documents=False
+keeps file order). It is part of the position, so resume stays exact.
+
+Another world size or num_workers. A saved position only fits the layout it was saved under; load_reshaped(every
+old rank's state) restarts, per source, the earliest epoch any old rank was still reading, with the new split
+(data/reshape.py): nothing skipped, at most about an epoch read again.
 
 Failures. An exception in a worker comes back in the main process as one clear error (BadDataError, a
 ValueError, for bad data under on_bad_data='fail'); a worker that dies is reported by torch's DataLoader within
@@ -34,9 +42,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.location import Location, same_dataset
 from data.manifest import file_sha256
-from data.partition import PartitionSpec, PartitionStream, initial_state
+from data.partition import PartitionSpec, PartitionStream, epoch_rows, initial_state
 from data.plan import MixSchedule, SourcePlan
 from data.reader import ON_BAD_DATA, BadDataError, Source
+from data.reshape import reshaped_states
 
 STATE_VERSION = 2
 _RERUN = "re-run `python -m launch.prepare`"
@@ -58,12 +67,15 @@ class LoaderConfig:
     world_size: int = 1
     """Number of ranks; each reads a disjoint part of every source."""
     seed: int = 0
-    """Seeds the per-epoch shard orders."""
+    """Seeds the per-epoch shard orders and the document order inside each shard."""
     num_workers: int = 0
     """Worker processes per rank (0: read in the main process). Part of the data order: resume with the same."""
     on_bad_data: str = "fail"
     """'fail': the first bad shard or sample stops the loader with an error naming it; 'skip': leave it out and
     count it in stats()."""
+    shuffle_documents: bool = True
+    """Visit each shard's documents in a seeded per-epoch permutation (prepare writes them in corpus order, so
+    near-duplicates sit side by side); False reads them in file order. Part of the data order."""
     worker_processes: bool = True
     """False serves the num_workers partitions from the main process in the same order: the same batches, no
     processes (for debugging and for tests that compare against the processes)."""
@@ -190,8 +202,8 @@ class Loader:
         self.config = cfg = config
         self.sources = _open_sources(cfg)
         self.partitions = _partitions(cfg, self.sources)
-        self.plans = [SourcePlan(s.framed_tokens(), cfg.seed, s.index, cfg.world_size, self.partitions, cfg.seq_len)
-                      for s in self.sources]
+        self.plans = [SourcePlan(s.framed_tokens(), cfg.seed, s.index, cfg.world_size, self.partitions, cfg.seq_len,
+                                 cfg.shuffle_documents) for s in self.sources]
         self.schedule = MixSchedule([s.weight for s in self.sources])
         self.consumed_shards: list[str] = []
         """Shard files the handed-out batches were read from, in the order they were opened ('<label>/<file>'
@@ -261,7 +273,8 @@ class Loader:
     # ----- position -----------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
         cfg = self.config
-        return {"seed": cfg.seed, "rank": cfg.rank, "world_size": cfg.world_size, "partitions": self.partitions,
+        return {"seed": cfg.seed, "shuffle_documents": cfg.shuffle_documents, "rank": cfg.rank,
+                "world_size": cfg.world_size, "partitions": self.partitions,
                 "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                 "sources": [[s.label, s.weight, len(s.manifest.shards)] for s in self.sources]}
 
@@ -279,16 +292,32 @@ class Loader:
         for key, value in self._fingerprint().items():
             saved = state.get(key)
             if saved != value:
+                hint = (" (a new world size or num_workers: pass every old rank's state to load_reshaped)"
+                        if key in ("world_size", "partitions") else "")
                 raise ValueError(f"loader state was saved with {key}={saved!r}, this loader has {value!r}; resume "
-                                 "with the same data, seed, ranks, num_workers, seq_len and batch size")
+                                 f"with the same data, seed, ranks, num_workers, seq_len and batch size{hint}")
         parts = state.get("partition_states")
         nxt = state.get("next_partition")
         if not isinstance(parts, list) or len(parts) != self.partitions or nxt not in range(self.partitions):
             raise ValueError("loader state is damaged: partition_states / next_partition do not fit this loader")
         for part, saved in enumerate(parts):
             self._check_positions(part, saved)
+        self._start_from([dict(s) for s in parts], int(nxt))
+
+    def load_reshaped(self, old_states: list[dict[str, Any]]) -> dict[str, int]:
+        """Resume from the state_dict() of every rank of a run with another world size or num_workers (same
+        sources, seed, seq_len and batch size): per source, restart the earliest epoch any old rank was still
+        reading, from its beginning, with this loader's split (data/reshape.py). Returns {source label: epoch
+        restarted}; every rank of the new world gets the same."""
+        states, epochs = reshaped_states(self, old_states, STATE_VERSION)
+        for part, state in enumerate(states):
+            self._check_positions(part, state)
+        self._start_from(states, 0)
+        return epochs
+
+    def _start_from(self, states: list[dict[str, Any]], next_partition: int) -> None:
         self.close()
-        self._states, self._next = [dict(s) for s in parts], int(nxt)
+        self._states, self._next = states, next_partition
         if self.config.num_workers == 0 or not self.config.worker_processes:
             # build now, so a state that does not fit the data fails here and not at the next batch
             self._streams = [PartitionStream(self.sources, self.plans, self.schedule, self.spec(p), self._states[p])
@@ -303,7 +332,8 @@ class Loader:
         else:
             for plan, pos in zip(self.plans, positions, strict=True):
                 keys = ("epoch", "shard", "member", "offset", "rows")
-                if not isinstance(pos, dict) or not all(isinstance(pos.get(k), int) and pos[k] >= 0 for k in keys):
+                if (not isinstance(pos, dict) or not all(isinstance(pos.get(k), int) and pos[k] >= 0 for k in keys)
+                        or not isinstance(pos.get("shift", 0), int) or epoch_rows(pos) < 0):
                     problem = f"bad position {pos!r}"
                 elif pos["shard"] >= len(plan.shards(pos["epoch"], self.config.rank, part)):
                     problem = f"position {pos!r} is past the partition's shards"
@@ -325,7 +355,7 @@ class Loader:
         """Per source label: its epoch in progress (the least advanced partition's)."""
         out = {}
         for s, (source, plan) in enumerate(zip(self.sources, self.plans, strict=True)):
-            out[source.label] = min(plan.epoch_of_row(p, int(self._states[p]["sources"][s]["rows"]))
+            out[source.label] = min(plan.epoch_of_row(p, epoch_rows(self._states[p]["sources"][s]))
                                     for p in range(self.partitions))
         return out
 
@@ -374,10 +404,12 @@ def build_loader(
     seed: int,
     num_workers: int = 0,
     on_bad_data: str = "fail",
+    shuffle_documents: bool = True,
 ) -> Loader:
     """The trainer's entry point; a single source is [(path, 1.0)]. See LoaderConfig for the arguments."""
     return Loader(LoaderConfig(sources=list(sources), seq_len=seq_len, batch_size=batch_size, rank=rank,
-                               world_size=world_size, seed=seed, num_workers=num_workers, on_bad_data=on_bad_data))
+                               world_size=world_size, seed=seed, num_workers=num_workers, on_bad_data=on_bad_data,
+                               shuffle_documents=shuffle_documents))
 
 
 __all__ = ["BadDataError", "Loader", "LoaderConfig", "build_loader"]

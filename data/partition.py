@@ -32,6 +32,12 @@ class PartitionSpec:
     sep_id: int
 
 
+def epoch_rows(position: dict[str, Any]) -> int:
+    """Rows the epoch rule counts for one source's position: its rows plus the optional `shift`, which a
+    reshaped resume sets (data/reshape.py) so the mixture keeps its counts while the epoch restarts."""
+    return int(position["rows"]) + int(position.get("shift", 0))
+
+
 def initial_state(num_sources: int) -> dict[str, Any]:
     """The state of a partition that has emitted nothing."""
     return {"sources": [{"epoch": 0, "shard": 0, "member": 0, "offset": 0, "rows": 0} for _ in range(num_sources)],
@@ -57,6 +63,7 @@ class PartitionStream:
         self.opened: list[str] = []
         """Shard files opened since the last drain_opened(), as '<label>/<file>'."""
         self.rows = [int(s["rows"]) for s in state["sources"]]
+        self.shifts = [int(s.get("shift", 0)) for s in state["sources"]]
         self.readers: list[SourceReader] = []
         self.packers: list[Packer] = []
         for source, plan, pos in zip(sources, plans, state["sources"], strict=True):
@@ -93,10 +100,12 @@ class PartitionStream:
     def state(self) -> dict[str, Any]:
         """JSON-serialisable: where the next batch starts, and the counters so far."""
         positions = []
-        for reader, packer, rows in zip(self.readers, self.packers, self.rows, strict=True):
+        for reader, packer, rows, shift in zip(self.readers, self.packers, self.rows, self.shifts, strict=True):
             epoch, shard, member = packer.head_position if packer.head is not None else reader.position
-            positions.append({"epoch": epoch, "shard": shard, "member": member, "offset": packer.offset,
-                              "rows": rows})
+            position = {"epoch": epoch, "shard": shard, "member": member, "offset": packer.offset, "rows": rows}
+            if shift:
+                position["shift"] = shift
+            positions.append(position)
         return {"sources": positions, "counters": dict(self.counters)}
 
     def drain_opened(self) -> list[str]:

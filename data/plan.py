@@ -7,6 +7,12 @@ Shards. In epoch e, source s's shards are permuted by a generator seeded with (s
 perm[r::world_size] and its partition (loader worker) p takes that list's [p::partitions]. Partitions are
 disjoint across ranks and within a rank.
 
+Documents. Inside a shard, documents are visited in a permutation seeded by (seed, s, e, shard index):
+prepare writes them in corpus order (files of one package, pages of one site side by side), and reading that
+order would make every batch a run of near-duplicates. The permutation depends on the shard, not on who reads
+it, so it is the same under any world size, and a position (epoch, shard position, member index) still names
+one document: exact resume holds. `shuffle_documents=False` keeps the file order.
+
 Equal batches per epoch. Ranks hold different numbers of tokens in an epoch (shards differ in size), so an
 epoch defined by "my shards are exhausted" would end at different steps on different ranks. Instead, epoch e of
 partition p ends, on every rank, after the same number of rows:
@@ -44,6 +50,7 @@ class SourcePlan:
         world_size: int,
         partitions: int,
         seq_len: int,
+        shuffle_documents: bool = True,
     ):
         n = len(framed_tokens)
         if world_size * partitions > n:
@@ -51,6 +58,7 @@ class SourcePlan:
         self.framed = np.asarray(framed_tokens, dtype=np.int64)
         self.seed, self.source_index = seed, source_index
         self.world_size, self.partitions, self.seq_len = world_size, partitions, seq_len
+        self.shuffle_documents = shuffle_documents
         # per partition: cumulative row counts at the end of epochs 0, 1, ... (extended on demand)
         self._ends: list[list[int]] = [[] for _ in range(partitions)]
         self._cum: list[np.ndarray] = [np.zeros(world_size, dtype=np.int64) for _ in range(partitions)]
@@ -69,6 +77,12 @@ class SourcePlan:
     def shards(self, epoch: int, rank: int, part: int) -> list[int]:
         """Shard indices partition `part` of `rank` reads in `epoch`, in reading order."""
         return [int(i) for i in self.order(epoch)[rank :: self.world_size][part :: self.partitions]]
+
+    def documents(self, epoch: int, shard: int, count: int) -> np.ndarray:
+        """Member indices of shard `shard` (manifest index, `count` members) in the order epoch `epoch` reads them."""
+        if not self.shuffle_documents:
+            return np.arange(count)
+        return np.random.default_rng([self.seed, self.source_index, epoch, shard]).permutation(count)
 
     def epoch_tokens(self, epoch: int, rank: int, part: int) -> int:
         """Framed tokens ([CLS]/[SEP] included) that partition holds in that epoch, from the manifest."""

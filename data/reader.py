@@ -14,9 +14,9 @@ is left out, counted under `skipped_shards/<reason>` or `skipped_samples/<reason
 a partition yields no usable document, the reader raises whatever the policy: skipping would otherwise spin
 forever.
 
-Positions are (epoch, shard position in the partition's list, member index in the shard), counting every
-member, bad ones included, so the same data always gives the same positions and a resumed reader skips and
-counts exactly what the uninterrupted one did.
+Positions are (epoch, shard position in the partition's list, member index in the shard's reading order, a
+seeded permutation: SourcePlan.documents), counting every member, bad ones included, so the same data always
+gives the same positions and a resumed reader skips and counts exactly what the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -187,12 +187,9 @@ class SourceReader:
         if len(members) != info.samples:
             self._bad_shard(index, "count", f"{len(members)} members, the manifest lists {info.samples} samples")
             return None
-        # Shards hold documents in corpus order (files of one package, pages of one site, side by side); reading
-        # them in that order makes every batch a run of near-duplicates. The whole shard is in memory anyway, so
-        # visit its documents in a permutation seeded by (seed, source, epoch, shard): still a pure function of
-        # the position, so resume stays exact.
-        order = np.random.default_rng([self.plan.seed, self.plan.source_index, self._epoch, index])
-        return [members[i] for i in order.permutation(len(members))]
+        # The whole shard is in memory, so its documents can be visited in the plan's seeded order (data/plan.py)
+        # at no cost; member indices in positions count in that order.
+        return [members[i] for i in self.plan.documents(self._epoch, index, len(members))]
 
     def _decode(self, index: int, name: str, payload: bytes) -> np.ndarray | None:
         """The member's ids, or None when it is skipped as bad (never anything but integers is decoded)."""

@@ -11,6 +11,19 @@ from launch.config import ConfigError
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
+def _exit_code(code: int) -> int:
+    """Under `launch.train --nproc`, torchrun reports any failing rank as exit 1; the rank leaves its own code in
+    CLOZE_EXIT_FILE so the parent can return it (2: a user mistake, 3: halted)."""
+    path = os.environ.get("CLOZE_EXIT_FILE")
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass
+    return code
+
+
 def run_cli(main: Callable[[], int]) -> int:
     try:
         return main()
@@ -21,12 +34,12 @@ def run_cli(main: Callable[[], int]) -> int:
         rank = os.environ.get("RANK")
         prefix = f"error (rank {rank}): " if rank not in (None, "0") else "error: "
         print(prefix + text, file=sys.stderr, flush=True)
-        return 2
+        return _exit_code(2)
     except RuntimeError as e:
         if type(e).__name__ != "TrainingHalted" or os.environ.get("CLOZE_DEBUG"):
             raise
         print(f"error: training halted: {e}", file=sys.stderr, flush=True)
-        return 3
+        return _exit_code(3)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

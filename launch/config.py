@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,7 +339,7 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"objectives.mix: {e}")
     for name in o.params:
         if name not in o.mix:
-            p.append(f"objectives.params.{name}: objective not in objectives.mix (params would be ignored)")
+            warn(f"objectives.params.{name} is ignored: '{name}' is not in objectives.mix")
     for name in o.mix:
         if name not in OBJECTIVES:
             continue  # the mixer already reported it, with the nearest valid name
@@ -347,6 +348,12 @@ def validate(cfg: RunConfig) -> list[str]:
         except ValueError as e:
             p.append(f"objectives.{name}: {e}")
     return p
+
+
+def warn(message: str) -> None:
+    """A config option that is ignored: say so once (rank 0 or a launcher), never silently."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _check_writable(key: str, path: Path) -> list[str]:

@@ -10,6 +10,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 
 from launch.cli import run_cli
 
@@ -48,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(args.nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "-m", "launch.train", "--config", args.config, *args.overrides]
-        return subprocess.call(cmd)
+        with tempfile.TemporaryDirectory() as tmp:
+            exit_file = os.path.join(tmp, "exit")
+            rc = subprocess.call(cmd, env={**os.environ, "CLOZE_EXIT_FILE": exit_file})
+            if rc != 0 and os.path.exists(exit_file):
+                codes = [int(x) for x in open(exit_file).read().split()]
+                return max(codes) if codes else rc
+            return rc
 
     from launch.dist import bootstrap_env
     from launch.trainer import run

@@ -147,7 +147,20 @@ class Trainer:
         plan = self.resume_plan
         if plan is None:
             return
-        load_path, _ = self.engine.load_checkpoint(str(plan.load_dir), tag=plan.tag)
+        # DeepSpeed unpickles its .pt files with weights_only=False; under torch's restricted unpickler a planted
+        # payload in a checkpoint directory cannot run code on resume.
+        import pickle
+
+        from launch.export import restricted_torch_load
+
+        try:
+            with restricted_torch_load():
+                load_path, _ = self.engine.load_checkpoint(str(plan.load_dir), tag=plan.tag)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"refusing to load checkpoint {plan.load_dir / plan.tag}: a file holds objects other than "
+                             f"tensors and plain DeepSpeed state ({first[:200]}); it was not written by cloze's "
+                             f"trainer or has been tampered with. Move it away to start over.") from None
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load {plan.load_dir / plan.tag}")
         # This rank's own state, or old rank 0's in a reshaped world (step, tokens and mixer agree on every rank).

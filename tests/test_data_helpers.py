@@ -87,3 +87,30 @@ def dataset_dir(root: Path, docs, **writer_kwargs):
                         shards=shards, root=root)
     write_manifest(manifest, root)
     return manifest
+
+
+def shard_documents(docs, manifest) -> list[list]:
+    """docs split into the manifest's shards, in file order (ShardWriter writes them in the order given)."""
+    starts = [0]
+    for shard in manifest.shards:
+        starts.append(starts[-1] + shard.samples)
+    return [list(docs[a:b]) for a, b in zip(starts, starts[1:])]
+
+
+def reading_order(plan, by_shard, rank: int, part: int, epochs) -> list:
+    """What partition (rank, part) reads in the given epochs: its shards in the plan's order, each shard's
+    documents in the plan's seeded order (SourcePlan.documents). Entries of by_shard may be strings (a bad member,
+    named by its skip reason): they stay in the list, so callers can see where the reader meets them."""
+    out = []
+    for epoch in epochs:
+        for shard in plan.shards(epoch, rank, part):
+            members = by_shard[shard]
+            out.extend(members[i] for i in plan.documents(epoch, shard, len(members)))
+    return out
+
+
+def framed(docs):
+    """[CLS]=2, ids, [SEP]=3 per document, concatenated; string entries (bad members) are left out."""
+    import numpy as np
+
+    return np.concatenate([np.concatenate([[2], np.asarray(d), [3]]) for d in docs if not isinstance(d, str)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 import webdataset
 
 from data.loader import BadDataError, Loader, LoaderConfig
-from tests.test_data_helpers import dataset_dir, random_docs
+from data.plan import SourcePlan
+from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_order
 
 SEQ = 16
 
@@ -52,8 +54,20 @@ def rows_for(loader_: Loader, n_tokens: int) -> np.ndarray:
     return torch.cat([next(loader_)[0] for _ in range(n)]).numpy().reshape(-1)[:n_tokens]
 
 
-def framed(docs) -> np.ndarray:
-    return np.concatenate([np.concatenate([[2], np.asarray(d), [3]]) for d in docs])
+def met_when_reading(sequence: list, n_tokens: int) -> dict[str, int]:
+    """Skip counters after a reader went through `sequence` (documents, and bad members as their reason strings)
+    far enough to fill n_tokens framed tokens: a bad member is met only once the reader looks past it."""
+    counts: dict[str, int] = {}
+    filled = 0
+    for entry in sequence:
+        if filled >= n_tokens:
+            break
+        if isinstance(entry, str):
+            counts[f"skipped_samples/{entry}"] = counts.get(f"skipped_samples/{entry}", 0) + 1
+        else:
+            filled += len(entry) + 2
+    assert filled >= n_tokens, "the sequence given is too short for n_tokens"
+    return counts
 
 
 @pytest.fixture
@@ -69,21 +83,35 @@ def test_foreign_members_are_never_decoded(three_shards, tmp_path_factory):
     evil = f"cos\nsystem\n(S'touch {canary}'\ntR.".encode()  # runs a command if anything ever unpickles it
     good = [_ids([9, 10, 11]), _ids([12, 13]), _ids([14])]
     vocab = loader(root, "skip").manifest.vocab_size
-    name = rewrite_shard(root, 0, [("0000000000.ids", good[0]), ("0000000001.pickle", evil),
-                                   ("0000000002.ids", _ids([9, vocab])), ("0000000003.pyd", b"MZ\x90\x00"),
-                                   ("0000000004.ids", good[1]), ("0000000005.ids", b"\x01\x02\x03"),
-                                   ("0000000006.ids", good[2])])
-    with pytest.raises(BadDataError, match="unexpected member '0000000001.pickle'") as e:
-        rows_for(loader(root, "fail"), 10_000)
-    assert name in str(e.value) and "'0000000001'" in str(e.value)
+    members = [("0000000000.ids", good[0]), ("0000000001.pickle", evil), ("0000000002.ids", _ids([9, vocab])),
+               ("0000000003.pyd", b"MZ\x90\x00"), ("0000000004.ids", good[1]), ("0000000005.ids", b"\x01\x02\x03"),
+               ("0000000006.ids", good[2])]
+    name = rewrite_shard(root, 0, members)
+    bad = {1: ("member", "unexpected member '0000000001.pickle'"), 2: ("vocab", f"token id {vocab} >= vocab_size"),
+           3: ("member", "unexpected member '0000000003.pyd'"), 5: ("length", "3 bytes is not a whole number")}
+    # Shard 0's members are read in a seeded order, so the first bad one met depends on the seed: for each bad
+    # member, a seed that reads it first among the bad ones must stop the loader with an error naming it.
+    for index, (_, message) in bad.items():
+        seed = next(s for s in range(1000) if next(i for i in SourcePlan([1], s, 0, 1, 1, SEQ).documents(0, 0, 7)
+                                                   if i in bad) == index)
+        with pytest.raises(BadDataError, match=re.escape(message)) as e:
+            rows_for(loader(root, "fail", seed=seed), 10_000)
+        assert name in str(e.value) and f"'{members[index][0].split('.')[0]}'" in str(e.value)
 
     skipping = loader(root, "skip")
-    order = skipping.plans[0].shards(0, 0, 0)
-    by_shard = {0: [np.array([9, 10, 11]), np.array([12, 13]), np.array([14])], 1: docs[4:8], 2: docs[8:12]}
-    want = framed([d for i in order for d in by_shard[i]])
-    assert np.array_equal(rows_for(skipping, want.size), want)  # exactly the good documents, in order
+    plan = skipping.plans[0]
+    by_shard = [[np.array([9, 10, 11]), "member", "vocab", "member", np.array([12, 13]), "length", np.array([14])],
+                docs[4:8], docs[8:12]]
+    epoch0 = reading_order(plan, by_shard, 0, 0, [0])
+    want = framed(epoch0)
+    got = rows_for(skipping, want.size)
+    assert np.array_equal(got, want)  # exactly the good documents, in the reading order
     counts = {k: v for k, v in skipping.stats().items() if k.startswith("skipped")}
-    assert counts == {"skipped_samples/member": 2, "skipped_samples/vocab": 1, "skipped_samples/length": 1}
+    # every bad member of epoch 0 once, plus those of epoch 1 the last row's tail reached past
+    expected = met_when_reading(epoch0 + reading_order(plan, by_shard, 0, 0, [1]), -(-want.size // SEQ) * SEQ)
+    assert counts == expected
+    assert expected["skipped_samples/member"] >= 2 and expected.keys() >= {"skipped_samples/vocab",
+                                                                            "skipped_samples/length"}
     assert not canary.exists()
 
 
@@ -137,8 +165,8 @@ def test_damaged_shard_fail_or_skip(three_shards, damage, reason):
     assert "shard-000001.tar" in str(e.value) and "on_bad_data='skip'" in str(e.value)
 
     skipping = loader(root, "skip")
-    order = skipping.plans[0].shards(0, 0, 0)
-    want = framed([d for i in order if i != 1 for d in docs[4 * i : 4 * i + 4]])
+    by_shard = [docs[0:4], [], docs[8:12]]  # shard 1 is left out whole
+    want = framed(reading_order(skipping.plans[0], by_shard, 0, 0, [0]))
     assert np.array_equal(rows_for(skipping, want.size), want)
     skipped = {k: v for k, v in skipping.stats().items() if k.startswith("skipped")}
     # counted each time the shard comes up (the last row may reach into epoch 1 and meet it again)

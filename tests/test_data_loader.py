@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data.loader import BadDataError, Loader, LoaderConfig, build_loader
-from tests.test_data_helpers import dataset_dir, random_docs
+from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_order, shard_documents
 
 SEQ, BATCH = 40, 2
 
@@ -87,14 +87,13 @@ def test_every_rank_crosses_each_epoch_at_the_same_batch(web):
             rows[r].append(ids.numpy())
             epochs[r].append(loader.epoch)
     assert epochs[0] == epochs[1] == epochs[2] and epochs[0][-1] >= 2
-    # and nothing is dropped: each partition's rows are its framed documents in order, across epochs
-    starts = np.cumsum([0] + [s.samples for s in manifest.shards])
+    # and nothing is dropped: each partition's rows are its framed documents in reading order, across epochs
+    by_shard = shard_documents(docs, manifest)
     for r in range(world):
         for p in range(parts):
             got = np.concatenate(rows[r][p::parts]).reshape(-1)
-            framed = [np.concatenate([[2], d, [3]]) for e in range(6) for i in plan.shards(e, r, p)
-                      for d in docs[starts[i] : starts[i + 1]]]
-            assert np.array_equal(got, np.concatenate(framed)[: got.size])
+            want = framed(reading_order(plan, by_shard, r, p, range(6)))
+            assert np.array_equal(got, want[: got.size])
             # the rows of epoch e never need data beyond the rank's own epoch e
             for e in range(2):
                 own = sum(plan.epoch_tokens(i, r, p) for i in range(e + 1)) // SEQ

@@ -12,7 +12,7 @@ import torch
 
 from data.loader import Loader, LoaderConfig
 from data.stream import PackedStream
-from tests.test_data_helpers import dataset_dir, random_docs
+from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_order, shard_documents
 
 SEQ, BATCH = 48, 3
 
@@ -24,17 +24,6 @@ def data(tmp_path_factory):
     docs = random_docs(38, seed=5, max_len=200)
     manifest = dataset_dir(root, docs, max_documents=6)
     return root, docs, manifest
-
-
-def framed_sequence(plan, docs, manifest, rank: int, part: int, epochs: int) -> np.ndarray:
-    """The framed tokens partition (rank, part) must read: its shards per epoch, documents in shard order."""
-    starts = np.cumsum([0] + [s.samples for s in manifest.shards])
-    out = []
-    for epoch in range(epochs):
-        for shard in plan.shards(epoch, rank, part):
-            for doc in docs[starts[shard] : starts[shard + 1]]:
-                out.append(np.concatenate([[2], doc, [3]]))
-    return np.concatenate(out)
 
 
 def take(stream, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +39,7 @@ def test_rows_are_the_framed_documents_cut_into_seq_len(data):
     n_batches = 2 * plan.epoch_tokens(0, 0, 0) // (SEQ * BATCH) + 2  # runs into the third epoch
     ids, _ = take(stream, n_batches)
     assert ids.shape == (n_batches * BATCH, SEQ) and ids.dtype == np.int64
-    want = framed_sequence(plan, docs, manifest, 0, 0, epochs=3)
+    want = framed(reading_order(plan, shard_documents(docs, manifest), 0, 0, range(3)))
     # nothing dropped, nothing padded, documents split across rows and epochs in order
     assert np.array_equal(ids.reshape(-1), want[: ids.size])
     assert stream.epoch == 2
