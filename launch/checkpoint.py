@@ -7,6 +7,10 @@ Layout of <out_dir>/checkpoints:
         tokenizer/            the SentencePiece model and HF tokenizer files, so export needs nothing else
     latest                    the tag of the newest complete checkpoint, written last
 
+A tag dir newer than `latest` is the remains of an interrupted save (a kill, a full disk): resume ignores it with
+a warning and the next successful save removes it. CLOZE_FAULT_CKPT_KILL=<point>:<step> kills rank 0 inside `save`
+at one of FAULT_POINTS, so tests can prove this.
+
 Our state is JSON, never pickle, so reading a checkpoint cannot run code through our files.
 """
 
@@ -16,6 +20,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +40,43 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_latest(ckpt_dir: Path) -> str | None:
-    """The tag named by `latest`, or None when there is no checkpoint yet."""
+def step_of(tag: str) -> int:
+    m = TAG_RE.match(tag)
+    assert m, tag
+    return int(m.group(1))
+
+
+def partial_tags(ckpt_dir: Path, latest: str | None) -> list[str]:
+    """Tag dirs newer than `latest` (all of them when there is no `latest`): a save that never finished, because
+    `latest` moves only after every rank has written everything."""
+    if not ckpt_dir.is_dir():
+        return []
+    newest = step_of(latest) if latest else -1
+    return sorted(d.name for d in ckpt_dir.iterdir()
+                  if d.is_dir() and TAG_RE.match(d.name) and step_of(d.name) > newest)
+
+
+def _warn_partial(ckpt_dir: Path, latest: str | None) -> None:
+    partial = partial_tags(ckpt_dir, latest)
+    if partial and os.environ.get("RANK", "0") == "0":
+        print(f"[cloze] warning: ignoring incomplete checkpoint(s) {', '.join(partial)} in {ckpt_dir} (newer than "
+              f"`latest` = {latest}: a save was interrupted); they are removed at the next checkpoint",
+              file=sys.stderr, flush=True)
+
+
+def read_latest(ckpt_dir: Path, warn: bool = True) -> str | None:
+    """The tag named by `latest`, or None when there is no checkpoint yet. Warns about partial tag dirs."""
     f = ckpt_dir / "latest"
     if not f.is_file():
+        if warn:
+            _warn_partial(ckpt_dir, None)
         return None
     tag = f.read_text().strip()
     if not TAG_RE.match(tag) or not (ckpt_dir / tag).is_dir():
         raise ValueError(f"{f} names {tag!r}, which is not a checkpoint directory in {ckpt_dir}; "
                          f"point it at an existing step_XXXXXXXX directory or delete it to start over")
+    if warn:
+        _warn_partial(ckpt_dir, tag)
     return tag
 
 
@@ -61,22 +95,69 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     return p, tag
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, quota, I/O error). A ValueError so the CLI reports it as one
+    line and exit code 2: the fix is on the user's side (free space), and the previous checkpoint is intact."""
+
+
+FAULT_POINTS = ("after_deepspeed", "after_state", "before_latest")
+"""Where CLOZE_FAULT_CKPT_KILL=<point>:<step> SIGKILLs rank 0 inside `save` (tests of an interrupted save)."""
+
+
+def _fault(point: str, step: int) -> None:
+    spec = os.environ.get("CLOZE_FAULT_CKPT_KILL", "")
+    if spec and dist.get_rank() == 0 and spec == f"{point}:{step}":
+        print(f"[cloze] fault injection: SIGKILL rank 0 at {point} of the step-{step} checkpoint",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_error(e: BaseException) -> bool:
+    """True for failures of the storage (torch.save reports a full disk as a RuntimeError from its C++ writer)."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(k in text for k in ("write failed", "no space", "file write",
+                                                                   "unexpected pos"))
+
+
 def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, tokenizer_dir: Path, keep: int) -> str:
     """Collective: every rank calls it. Returns the tag."""
     tag = tag_for(step)
     rank = dist.get_rank()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     tag_dir = ckpt_dir / tag
-    write_json_atomic(tag_dir / f"trainer_state_rank{rank}.json", rank_state)
-    if rank == 0:
-        write_json_atomic(tag_dir / "run.json", run_info)
-        dst = tag_dir / "tokenizer"
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(tokenizer_dir, dst)
+    # A leftover of an interrupted save of this same step would mix old and new files: remove it first.
+    if rank == 0 and tag_dir.is_dir() and tag != read_latest(ckpt_dir, warn=False):
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    dist.barrier()
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        _fault("after_deepspeed", step)
+        write_json_atomic(tag_dir / f"trainer_state_rank{rank}.json", rank_state)
+        if rank == 0:
+            write_json_atomic(tag_dir / "run.json", run_info)
+            dst = tag_dir / "tokenizer"
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(tokenizer_dir, dst)
+        _fault("after_state", step)
+    except (OSError, RuntimeError) as e:
+        if not _write_error(e):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:120]
+        try:  # torch's writer hides ENOSPC behind "unexpected pos"; the free space says what happened
+            reason += f"; {shutil.disk_usage(ckpt_dir).free / 2**20:.1f} MiB free there"
+        except OSError:
+            pass
+        previous = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        raise CheckpointWriteError(f"could not write checkpoint {tag_dir} ({reason}); {kept} and `latest` still "
+                                   f"names it. Free space in {ckpt_dir} (or lower train.keep_checkpoints) and run "
+                                   f"again to resume") from None
     # `latest` moves only once every rank has finished writing, so a crash mid-save leaves the previous one valid.
     dist.barrier()
     if rank == 0:
+        _fault("before_latest", step)
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / "latest")
@@ -87,10 +168,12 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, to
 
 def prune(ckpt_dir: Path, keep: int) -> None:
     tags = sorted(d.name for d in ckpt_dir.iterdir() if d.is_dir() and TAG_RE.match(d.name))
-    latest = read_latest(ckpt_dir)
+    latest = read_latest(ckpt_dir, warn=False)
     for tag in tags[:-keep] if keep > 0 else []:
         if tag != latest:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    for tag in partial_tags(ckpt_dir, latest):  # left by an interrupted save; this run will write them again
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     universal = ckpt_dir / "universal"  # conversions made for a world-size change (launch/resume.py)
     if universal.is_dir():
         for d in universal.iterdir():

@@ -9,8 +9,9 @@ checkpoints/universal/<tag>) and every rank loads that with `checkpoint.load_uni
 and the step count carry over. Stage 0 checkpoints hold whole tensors and load on any world size directly.
 
 The data position of a reshaped world: the old ranks' positions belong to a shard split that no longer exists,
-so the new ranks restart the earliest epoch any old rank was in (min over ranks), from its beginning, with the new
-split. Nothing is skipped; the part of that epoch the old ranks had already read is read again (at most one epoch).
+so each source restarts the earliest epoch any old rank or worker had not finished, from its beginning, with the
+new split (`data.loader.Loader.load_reshaped`). Nothing is skipped; what the old ranks had already read of that
+epoch is read again (at most one epoch).
 """
 
 from __future__ import annotations
@@ -90,7 +91,3 @@ def plan_resume(ckpt_dir: Path, world: int, rank: int, ds_config: dict) -> Resum
     ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     return ResumePlan(tag, universal, old_world, states, world)
 
-
-def restart_epoch(states: list[dict]) -> int:
-    """The epoch a reshaped world restarts: the earliest any old rank was in (so nothing is skipped)."""
-    return min(int(s["stream"]["epoch"]) for s in states)

@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="print the resolved config, DeepSpeed config, batch arithmetic, model size, FLOPs and "
                          "memory per rank under ZeRO 0-3, then exit")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50 data.seq_len=256")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

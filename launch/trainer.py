@@ -23,7 +23,7 @@ from launch.metrics import Metrics, fmt_duration
 from launch.optim import build_optimizer, build_scheduler
 from launch.preempt import Preemption
 from launch.preflight import preflight
-from launch.resume import plan_resume, restart_epoch
+from launch.resume import plan_resume
 
 
 class TrainingHalted(RuntimeError):
@@ -108,6 +108,8 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = self.skipped_micro_batches = self.bad_in_a_row = 0
         self.fault_nan_steps = {int(s) for s in os.environ.get("CLOZE_FAULT_NAN_STEPS", "").split(",") if s.strip()}
+        if os.environ.get("CLOZE_FAULT_PID_DIR"):  # fault injection (tests): lets a test SIGKILL one chosen rank
+            Path(os.environ["CLOZE_FAULT_PID_DIR"], f"rank{self.rank}.pid").write_text(str(os.getpid()))
         self._maybe_resume()
         self.evaluator = None
         if cfg.eval.path:
@@ -169,10 +171,9 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped_steps = state.get("skipped_steps", 0)
         if plan.reshaped:
-            epoch = restart_epoch(plan.states)
-            self.stream.restart_epoch(epoch)
+            epochs = self.stream.load_reshaped([s["stream"] for s in plan.states])  # {source label: epoch}
             log0(self.rank, f"resumed from {self.ckpt_dir / plan.tag} at step {self.step} on {self.world} ranks "
-                            f"(written by {plan.old_world}): the data restarts epoch {epoch} with the new split")
+                            f"(written by {plan.old_world}): the data restarts epoch(s) {epochs} with the new split")
         else:
             self.stream.load_state_dict(state["stream"])
             log0(self.rank, f"resumed from {self.ckpt_dir / plan.tag} at step {self.step}")
