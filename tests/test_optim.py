@@ -38,3 +38,15 @@ def test_no_weight_decay_on_norms_and_biases():
     total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert total == sum(p.numel() for p in model.parameters())  # tied weight counted once
     assert isinstance(torch.optim.AdamW([decay, no_decay]), torch.optim.AdamW)
+
+
+def test_zero_memory_formula_partitions_what_each_stage_partitions():
+    from launch.plan import zero_memory_bytes
+
+    p = 1000
+    # Values measured by bench/zero_memory.py on a live engine (fp32): optimizer state 12 bytes/param under ZeRO.
+    assert zero_memory_bytes(p, 1, 4, "fp32") == {"weights": 4000, "grads": 4000, "optimizer": 3000,
+                                                  "total": 11000}
+    assert zero_memory_bytes(p, 2, 4, "fp32")["grads"] == 1000
+    assert zero_memory_bytes(p, 3, 4, "bf16") == {"weights": 500, "grads": 500, "optimizer": 3000, "total": 4000}
+    assert zero_memory_bytes(p, 0, 4, "fp32")["optimizer"] == 8000  # stage 0: Adam moments only, nothing split
