@@ -8,8 +8,8 @@ Layout of <out_dir>/checkpoints:
     latest                    the tag of the newest complete checkpoint, written last
 
 A tag dir newer than `latest` is the remains of an interrupted save (a kill, a full disk): resume ignores it with
-a warning and the next successful save removes it. CLOZE_FAULT_CKPT_KILL=<point>:<step> kills rank 0 inside `save`
-at one of FAULT_POINTS, so tests can prove this.
+a warning; the next successful save removes it if it is incomplete, and a save of the same step replaces it.
+CLOZE_FAULT_CKPT_KILL=<point>:<step> kills rank 0 inside `save` at one of FAULT_POINTS, so tests can prove this.
 
 Our state is JSON, never pickle, so reading a checkpoint cannot run code through our files.
 """
@@ -56,11 +56,20 @@ def partial_tags(ckpt_dir: Path, latest: str | None) -> list[str]:
                   if d.is_dir() and TAG_RE.match(d.name) and step_of(d.name) > newest)
 
 
+def is_complete(tag_dir: Path) -> bool:
+    """run.json and every rank's trainer state are there (DeepSpeed's files are written before ours)."""
+    try:
+        world = int(json.loads((tag_dir / "run.json").read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((tag_dir / f"trainer_state_rank{r}.json").is_file() for r in range(world))
+
+
 def _warn_partial(ckpt_dir: Path, latest: str | None) -> None:
     partial = partial_tags(ckpt_dir, latest)
     if partial and os.environ.get("RANK", "0") == "0":
         print(f"[cloze] warning: ignoring incomplete checkpoint(s) {', '.join(partial)} in {ckpt_dir} (newer than "
-              f"`latest` = {latest}: a save was interrupted); they are removed at the next checkpoint",
+              f"`latest` = {latest}: a save was interrupted, or `latest` was moved back); the next saves replace them",
               file=sys.stderr, flush=True)
 
 
@@ -150,10 +159,10 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, to
         except OSError:
             pass
         previous = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
-        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
-        raise CheckpointWriteError(f"could not write checkpoint {tag_dir} ({reason}); {kept} and `latest` still "
-                                   f"names it. Free space in {ckpt_dir} (or lower train.keep_checkpoints) and run "
-                                   f"again to resume") from None
+        kept = (f"the previous checkpoint {previous} is intact and `latest` still names it" if previous
+                else "there is no earlier checkpoint")
+        raise CheckpointWriteError(f"could not write checkpoint {tag_dir} ({reason}); {kept}. Free space in "
+                                   f"{ckpt_dir} (or lower train.keep_checkpoints) and run again to resume") from None
     # `latest` moves only once every rank has finished writing, so a crash mid-save leaves the previous one valid.
     dist.barrier()
     if rank == 0:
@@ -172,8 +181,11 @@ def prune(ckpt_dir: Path, keep: int) -> None:
     for tag in tags[:-keep] if keep > 0 else []:
         if tag != latest:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-    for tag in partial_tags(ckpt_dir, latest):  # left by an interrupted save; this run will write them again
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    # Incomplete leftovers of an interrupted save go. A complete one newer than `latest` stays: someone may have
+    # pointed `latest` back on purpose (a roll-back), and `save` replaces it when training reaches that step again.
+    for tag in partial_tags(ckpt_dir, latest):
+        if not is_complete(ckpt_dir / tag):
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     universal = ckpt_dir / "universal"  # conversions made for a world-size change (launch/resume.py)
     if universal.is_dir():
         for d in universal.iterdir():

@@ -318,7 +318,14 @@ def run(cfg: RunConfig, env: DistEnv) -> dict:
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, env)
     try:
-        return trainer.train()
+        summary = trainer.train()
+        # Leave together and tear the process group down explicitly: letting the interpreter destroy gloo's
+        # threads at exit sometimes aborts the process ("terminate called without an active exception").
+        if dist.is_initialized():
+            dist.barrier()
+        return summary
     finally:
         trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 

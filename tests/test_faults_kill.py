@@ -130,3 +130,23 @@ def test_sigkill_mid_step_then_kills_inside_saves_lose_nothing(tiny_data, tmp_pa
     assert f"resumed from {ckpts / f'step_{MAX_STEPS - EVERY:08d}'}" in proc.stderr
     assert partial_tags(ckpts, read_latest(ckpts)) == []
     assert_same_weights(final_weights(out), reference)
+
+
+def test_prune_removes_incomplete_leftovers_but_keeps_a_rolled_back_checkpoint(tmp_path, capsys):
+    """`latest` moved back by hand must not cost the newer complete checkpoint; a half-written one goes."""
+    import json
+
+    from launch.checkpoint import prune
+
+    for step, complete in ((10, True), (20, False), (30, True)):
+        d = tmp_path / f"step_{step:08d}"
+        d.mkdir()
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        if complete:
+            (d / "run.json").write_text(json.dumps({"world_size": 1}))
+            (d / "trainer_state_rank0.json").write_text("{}")
+    (tmp_path / "latest").write_text("step_00000010")
+    assert read_latest(tmp_path) == "step_00000010"
+    assert "ignoring incomplete checkpoint(s) step_00000020, step_00000030" in capsys.readouterr().err
+    prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000010", "step_00000030"]
