@@ -114,3 +114,13 @@ def framed(docs):
     import numpy as np
 
     return np.concatenate([np.concatenate([[2], np.asarray(d), [3]]) for d in docs if not isinstance(d, str)])
+
+
+def web_and_code(root: Path):
+    """Two sources for mixing tests: 'web' (60 docs in 12 shards of 5, ids in [9, 200), lengths varying a lot so
+    ranks and workers hold different token counts) and 'code' (40 docs in 8 shards, ids in [200, 450), so a row's
+    source can be told from its ids). Each is (root, docs, dataset_dir result)."""
+    web_docs = random_docs(60, seed=1, high=200, max_len=160)
+    code_docs = [d + 191 for d in random_docs(40, seed=2, high=259, max_len=120)]
+    return ((root / "web", web_docs, dataset_dir(root / "web", web_docs, max_documents=5)),
+            (root / "code", code_docs, dataset_dir(root / "code", code_docs, max_documents=5)))

@@ -14,25 +14,24 @@ import pytest
 import torch
 
 from data.loader import BadDataError, Loader, LoaderConfig, build_loader
-from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_order, shard_documents
+from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_order, shard_documents, web_and_code
 
 SEQ, BATCH = 40, 2
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory):
-    """12 shards, ids in [9, 200): lengths vary a lot, so ranks and workers hold different token counts."""
-    root = tmp_path_factory.mktemp("mix") / "web"
-    docs = random_docs(60, seed=1, high=200, max_len=160)
-    return root, docs, dataset_dir(root, docs, max_documents=5)
+def sources(tmp_path_factory):
+    return web_and_code(tmp_path_factory.mktemp("mix"))
 
 
 @pytest.fixture(scope="module")
-def code(tmp_path_factory):
-    """8 shards, ids in [200, 450): a row's source can be told from its ids."""
-    root = tmp_path_factory.mktemp("mix") / "code"
-    docs = [d + 191 for d in random_docs(40, seed=2, high=259, max_len=120)]
-    return root, docs, dataset_dir(root, docs, max_documents=5)
+def web(sources):
+    return sources[0]
+
+
+@pytest.fixture(scope="module")
+def code(sources):
+    return sources[1]
 
 
 def batches(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
