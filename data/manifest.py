@@ -224,18 +224,27 @@ def parse_manifest(text: str, where: str, root: Path = Path(".")) -> Manifest:
     return manifest
 
 
+def shard_file_problems(manifest: Manifest) -> list[str]:
+    """What a stat() of every shard finds wrong (missing, or not the recorded size), one message per shard; no
+    shard is read. Content checks (sha256, tar structure, token ids) happen as the loader reads each shard."""
+    problems = []
+    for info, shard in zip(manifest.shards, manifest.shard_paths, strict=True):
+        if not shard.is_file():
+            problems.append(f"shard {shard} is missing")
+        elif (size := shard.stat().st_size) != info.bytes:
+            problems.append(f"shard {shard} has {size} bytes, the manifest says {info.bytes} (truncated or replaced?)")
+    return problems
+
+
 def _check_files(manifest: Manifest, path: Path, verify_hashes: bool) -> None:
     tok = manifest.tokenizer_path
     if not tok.is_file():
         raise ValueError(f"{path}: tokenizer {tok} is missing; {_RERUN}")
     if file_sha256(tok) != manifest.tokenizer_sha256:
         raise ValueError(f"{path}: tokenizer {tok} changed since the shards were written (sha256 differs); {_RERUN}")
+    problems = shard_file_problems(manifest)
+    if problems:
+        raise ValueError(f"{path}: {problems[0]}; {_RERUN}")
     for info, shard in zip(manifest.shards, manifest.shard_paths, strict=True):
-        if not shard.is_file():
-            raise ValueError(f"{path}: shard {shard} is missing; {_RERUN}")
-        size = shard.stat().st_size
-        if size != info.bytes:
-            raise ValueError(f"{path}: shard {shard} has {size} bytes, the manifest says {info.bytes} "
-                             f"(truncated or replaced?); {_RERUN}")
         if verify_hashes and file_sha256(shard) != info.sha256:
             raise ValueError(f"{path}: shard {shard} does not match its sha256 (corrupted?); {_RERUN}")

@@ -403,7 +403,7 @@ def verify(out: str | Path, checkpoint: str | Path) -> dict:
     ours.to(DTYPES[dtype]).eval()
     loader = AutoModelForMaskedLM if with_head else AutoModel
     hf, loading = loader.from_pretrained(out, output_loading_info=True, attn_implementation="sdpa",
-                                         dtype=DTYPES[dtype])
+                                         dtype=DTYPES[dtype], use_safetensors=True)
     hf.eval()
     problems = {k: v for k, v in loading.items() if v}
     if problems:

@@ -74,12 +74,41 @@ def read_csv(path: str | Path) -> tuple[list[str], list[str]]:
     return [t for t, _ in rows], [label for _, label in rows]
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+"""Weight formats that are pickles: loading one may run code, so an export folder holding one is refused."""
+
+
+def check_export_files(export: Path, need_weights: bool) -> None:
+    """Refuse an export folder with pickle-format files in it, and check every safetensors header, before
+    transformers reads anything: cloze writes weights only as safetensors, so a pickle there was put there by
+    someone else, and a damaged safetensors file should be named, not surface as a parser traceback."""
+    from safetensors import safe_open
+
+    pickled = sorted(p.name for p in export.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        raise ValueError(f"{export}: pickle-format file(s) {', '.join(pickled)}; cloze exports weights only as "
+                         f"safetensors and never loads a pickle it did not write. Remove them, or export again with "
+                         f"`python -m launch.export`")
+    weights = sorted(export.glob("*.safetensors"))
+    if need_weights and not weights:
+        raise FileNotFoundError(f"{export}: no *.safetensors weights; pass a folder written by "
+                                f"`python -m launch.export`")
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise ValueError(f"{path}: not a readable safetensors file ({str(e)[:120]}); export again with "
+                             f"`python -m launch.export`") from None
+
+
 def build_model(export: Path, labels: list[str], cfg: FinetuneConfig):
     """The classifier on the export's encoder (or on random weights of the same shape), and what it did not load."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if not (export / "config.json").is_file():
         raise FileNotFoundError(f"{export}: no config.json; pass a folder written by `python -m launch.export`")
+    check_export_files(export, need_weights=not cfg.random_init)
     extra = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                  label2id={label: i for i, label in enumerate(labels)}, classifier_pooling=cfg.pooling)
     torch.manual_seed(cfg.seed)
@@ -87,7 +116,8 @@ def build_model(export: Path, labels: list[str], cfg: FinetuneConfig):
         config = AutoConfig.from_pretrained(export, **extra)
         config.architectures = None
         return AutoModelForSequenceClassification.from_config(config), ["all weights (--random-init)"]
-    model, info = AutoModelForSequenceClassification.from_pretrained(export, output_loading_info=True, **extra)
+    model, info = AutoModelForSequenceClassification.from_pretrained(export, output_loading_info=True,
+                                                                     use_safetensors=True, **extra)
     return model, sorted(info["missing_keys"])
 
 

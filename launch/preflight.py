@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from launch.config import ConfigError, RunConfig
+from launch.config import ConfigError, RunConfig, warn
 from launch.engine_config import resolve_deepspeed_config, resolve_precision
 
 
@@ -27,8 +27,12 @@ def preflight(cfg: RunConfig, world_size: int) -> Preflight:
 
     precision = resolve_precision(cfg.train.precision, torch.cuda.is_available())
     ds_config = resolve_deepspeed_config(cfg, world_size, precision)
-    manifest = load_manifest(cfg.data.path)
+    manifest = load_manifest(cfg.data.path, check_files=False)
     tok_path = Path(manifest.tokenizer_path)
+    if not tok_path.is_file():
+        raise ConfigError([f"tokenizer {tok_path} named by {cfg.data.path}/manifest.json is missing; re-run "
+                           f"launch.prepare"])
+    _check_shard_files(cfg, manifest)
     tok = Tokenizer(tok_path)
     if tok.sha256 != manifest.tokenizer_sha256:
         raise ConfigError([f"tokenizer {tok_path} does not match the hash in {cfg.data.path}/manifest.json "
@@ -37,3 +41,20 @@ def preflight(cfg: RunConfig, world_size: int) -> Preflight:
         raise ConfigError([f"{cfg.data.path} has {len(manifest.shards)} shards for {world_size} ranks; each rank "
                            f"needs at least one: re-run launch.prepare with a smaller --shard-bytes"])
     return Preflight(ds_config, precision, manifest, tok, tok_path.parent)
+
+
+def _check_shard_files(cfg: RunConfig, manifest) -> None:
+    """Missing or wrongly sized shards, found by a stat() of each before anything starts. Under on_bad_data='fail'
+    that is an error listing every one; under 'skip' a warning, and the loader leaves them out and counts them."""
+    from data.manifest import shard_file_problems
+
+    problems = shard_file_problems(manifest)
+    if not problems:
+        return
+    if cfg.data.on_bad_data == "fail":
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise ConfigError([f"{cfg.data.path}: {p}" for p in shown]
+                          + ["re-run `python -m launch.prepare` to rebuild the dataset, or set data.on_bad_data=skip "
+                             "to train without these shards (they are counted in the run summary)"])
+    warn(f"{cfg.data.path}: {len(problems)} of {len(manifest.shards)} shards will be skipped "
+         f"(data.on_bad_data=skip): " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))

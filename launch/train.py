@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         from launch.dist import free_port
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(args.nproc),
+        cmd = [sys.executable, "-m", "launch.localrun", "--nnodes", "1", "--nproc_per_node", str(args.nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "-m", "launch.train", "--config", args.config, *args.overrides]
         with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -314,6 +315,9 @@ class Trainer:
 
 
 def run(cfg: RunConfig, env: DistEnv) -> dict:
+    # DeepSpeed's ZeRO reduce path still calls the deprecated all_gather_into_tensor; the warning, printed by every
+    # rank at every start, tells a user nothing they can act on.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, env)
