@@ -107,6 +107,7 @@ class Trainer:
                            for name in cfg.objectives.mix}
         self.step = 0
         self.tokens_seen = 0
+        self._boundary: dict | None = None  # see _boundary_snapshot
         self.skipped_steps = self.skipped_micro_batches = self.bad_in_a_row = 0
         self.fault_nan_steps = {int(s) for s in os.environ.get("CLOZE_FAULT_NAN_STEPS", "").split(",") if s.strip()}
         if os.environ.get("CLOZE_FAULT_PID_DIR"):  # fault injection (tests): lets a test SIGKILL one chosen rank
@@ -136,9 +137,20 @@ class Trainer:
 
     def _rank_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "rank": self.rank, "world_size": self.world,
-                "config_hash": config_hash(self.cfg), "stream": self.stream.state_dict(),
+                "config_hash": config_hash(self.cfg), "stream": self._stream_view("state"),
                 "skipped_steps": self.skipped_steps,
-                "mixer": self.mixer.state_dict(), "consumed_shards": list(self.stream.consumed_shards)}
+                "mixer": self.mixer.state_dict(), "consumed_shards": self._stream_view("consumed")}
+
+    def _stream_view(self, what: str):
+        """The stream's state, consumed shards or counters as of the end of the last step: from the snapshot taken
+        before the next step's first micro-batch was prefetched, or live when nothing was prefetched."""
+        snap = self._boundary
+        if what == "state":
+            return snap["state"] if snap else self.stream.state_dict()
+        if what == "consumed":
+            shards = list(self.stream.consumed_shards)
+            return shards[: snap["consumed"]] if snap else shards
+        return dict(snap["stats"]) if snap else self.stream.stats()
 
     def save(self) -> str:
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, self._rank_state(), self._run_info(),
@@ -188,7 +200,7 @@ class Trainer:
 
     def _data_stats(self) -> dict[str, int]:
         """The loader's counters (skipped shards/samples by reason, tokens per source) summed over ranks."""
-        stats = self.stream.stats()
+        stats = self._stream_view("stats")
         if not (dist.is_initialized() and self.world > 1):
             return stats
         every: list = [None] * self.world  # ranks may hold different keys (a skip seen by one rank only)
@@ -207,16 +219,39 @@ class Trainer:
         return Batch(input_ids=ids, labels=torch.full_like(ids, IGNORE_INDEX), doc_ids=torch.zeros_like(ids),
                      attention="bidirectional", objective="null")
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Collective: True only if the loss is finite on every rank (all ranks must skip together)."""
+    def _read_scalars(self, out, loss: torch.Tensor) -> tuple[bool, float, int, int]:
+        """The micro-step's one host synchronisation: whether the loss is finite on every rank (collective: all
+        ranks must skip together), and the loss, label and correct counts for the metrics, read in one copy.
+        It comes after the forward and before the backward is queued, so it waits for the forward only; reading
+        any of these after the backward was queued would make the host wait for the backward as well."""
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # on the device: NCCL reduces GPU tensors only
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bool(bad.item())
+        flag, value, labels, correct = torch.cat(
+            [bad, loss.detach().float().reshape(1), out.num_labels.float().reshape(1),
+             out.num_correct.float().reshape(1)]).tolist()
+        return flag == 0.0, value, int(labels), int(correct)
 
-    def train(self) -> dict:
+    def _fetch(self, it, step: int, micro: int) -> dict:
+        """Micro-batch (step, micro): read from the stream and masked by the objective the mixer picks for it. The
+        CPU work of the next micro-batch runs while the device computes the current forward (see train)."""
         from objectives import step_generator
 
+        t = self.cfg.train
+        name = self.mixer.choose(step * t.grad_accum + micro)
+        tw = time.perf_counter()
+        rows, doc_ids = next(it)
+        wait = time.perf_counter() - tw
+        batch = self.objectives[name](rows, doc_ids, step_generator(t.seed, self.rank, step, micro), self.tok_info)
+        return {"name": name, "batch": batch, "tokens": rows.numel(), "wait": wait}
+
+    def _boundary_snapshot(self) -> dict:
+        """The stream's position and counters now, between two steps: taken before the next step's first
+        micro-batch is prefetched, so a checkpoint after this step records exactly the batches it trained on."""
+        return {"state": self.stream.state_dict(), "consumed": len(self.stream.consumed_shards),
+                "stats": self.stream.stats()}
+
+    def train(self) -> dict:
         t = self.cfg.train
         start = self.step
         if start >= t.max_steps:
@@ -227,27 +262,32 @@ class Trainer:
         last: dict = {}
         last_eval: dict = {}
         self.engine.train()
+        upcoming = self._fetch(it, self.step, 0)
         while self.step < t.max_steps:
             step_losses = {}
             bad_step = False
+            self._boundary = None
             for micro in range(t.grad_accum):
-                micro_step = self.step * t.grad_accum + micro
-                name = self.mixer.choose(micro_step)
-                tw = time.perf_counter()
-                rows, doc_ids = next(it)
-                wait = time.perf_counter() - tw
-                gen = step_generator(t.seed, self.rank, self.step, micro)
-                batch = self.objectives[name](rows, doc_ids, gen, self.tok_info)
+                current = upcoming
+                name, batch = current["name"], current["batch"]
                 self.mixer.record(name, batch)
                 out = self._forward(batch)
                 loss = out.loss
                 if self.step + 1 in self.fault_nan_steps and micro == 0 and self.rank == 0:
                     loss = loss * float("nan")  # fault injection (tests): CLOZE_FAULT_NAN_STEPS
-                if self._all_finite(loss):
+                # Prepare the next micro-batch while the device runs this forward (the host reads its scalars
+                # below, which waits for the forward). Across a step boundary, remember the stream's position
+                # first: a checkpoint after this step must not count the prefetched batch as consumed.
+                if micro + 1 < t.grad_accum:
+                    upcoming = self._fetch(it, self.step, micro + 1)
+                elif self.step + 1 < t.max_steps:
+                    self._boundary = self._boundary_snapshot()
+                    upcoming = self._fetch(it, self.step + 1, 0)
+                finite, value, num_labels, num_correct = self._read_scalars(out, loss)
+                if finite:
                     self.engine.backward(loss)
-                    value = loss.item()
                     step_losses[name] = value
-                    self.metrics.micro(name, value, int(out.num_labels), int(out.num_correct), rows.numel(), wait)
+                    self.metrics.micro(name, value, num_labels, num_correct, current["tokens"], current["wait"])
                 else:
                     # Keep DeepSpeed's accumulation counters and every rank's collectives in step: backward a
                     # loss that is exactly 0 on a harmless batch (all [PAD], no labels) instead of the bad one.
@@ -255,7 +295,7 @@ class Trainer:
                     self.skipped_micro_batches += 1
                     self.engine.backward(self._forward(self._null_batch(batch)).loss)
                 self.engine.step()
-                self.tokens_seen += rows.numel() * self.world
+                self.tokens_seen += current["tokens"] * self.world
             if bad_step:
                 self.skipped_steps += 1
                 self.bad_in_a_row += 1
