@@ -192,11 +192,23 @@ class Trainer:
             log0(self.rank, f"resumed from {self.ckpt_dir / plan.tag} at step {self.step}")
 
     # -- training ------------------------------------------------------------------------------------------------
+    def _to_device(self, batch):
+        """The batch's tensors on the training device. On a GPU they are copied from pinned memory without
+        blocking, so the copy of the prefetched batch overlaps the forward that is running (see train)."""
+        import dataclasses
+
+        cuda = self.device.type == "cuda"
+
+        def move(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            return (x.pin_memory() if cuda else x).to(self.device, non_blocking=cuda)
+
+        return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
+
     def _forward(self, batch):
-        return self.engine(
-            input_ids=batch.input_ids.to(self.device), labels=batch.labels.to(self.device),
-            doc_ids=batch.doc_ids.to(self.device), attention=batch.attention,
-            prefix_len=None if batch.prefix_len is None else batch.prefix_len.to(self.device))
+        return self.engine(input_ids=batch.input_ids, labels=batch.labels, doc_ids=batch.doc_ids,
+                           attention=batch.attention, prefix_len=batch.prefix_len)
 
     def _data_stats(self) -> dict[str, int]:
         """The loader's counters (skipped shards/samples by reason, tokens per source) summed over ranks."""
@@ -243,7 +255,8 @@ class Trainer:
         rows, doc_ids = next(it)
         wait = time.perf_counter() - tw
         batch = self.objectives[name](rows, doc_ids, step_generator(t.seed, self.rank, step, micro), self.tok_info)
-        return {"name": name, "batch": batch, "tokens": rows.numel(), "wait": wait}
+        # The host copy stays for the mixer's counts, which would otherwise read the device (a synchronisation).
+        return {"name": name, "host": batch, "batch": self._to_device(batch), "tokens": rows.numel(), "wait": wait}
 
     def _boundary_snapshot(self) -> dict:
         """The stream's position and counters now, between two steps: taken before the next step's first
@@ -270,7 +283,7 @@ class Trainer:
             for micro in range(t.grad_accum):
                 current = upcoming
                 name, batch = current["name"], current["batch"]
-                self.mixer.record(name, batch)
+                self.mixer.record(name, current["host"])
                 out = self._forward(batch)
                 loss = out.loss
                 if self.step + 1 in self.fault_nan_steps and micro == 0 and self.rank == 0:
