@@ -109,6 +109,14 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Per-GPU peak (bf16 dense TFLOP/s) for MFU; 0 guesses from the device name (H100/H200: 989). MFU is not
     reported on CPU."""
+    attention_backend: str = "sdpa"
+    """Attention kernel: 'sdpa' (PyTorch's scaled_dot_product_attention, given a dense [B, T, T] mask whenever rows
+    are packed or the pattern is prefix), 'flex' (FlexAttention block masks: blocks holding no same-document pair
+    are skipped) or 'auto' (flex on a GPU when a mask is needed, sdpa otherwise). A runtime choice: checkpoints
+    and exports are the same whichever kernel trained them."""
+    compile: bool = False
+    """torch.compile each encoder layer (fullgraph, static shapes) before training; the first steps pay for the
+    compilation."""
     max_bad_steps: int = 5
     """Steps in a row with a non-finite loss (each skipped) before the run halts with an error."""
     log_every: int = 10
@@ -291,6 +299,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"train.betas: each must lie in [0, 1), got {list(t.betas)}")
     if t.precision not in ("auto", "fp32", "bf16"):
         p.append(f"train.precision: must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.attention_backend not in ("auto", "sdpa", "flex"):
+        p.append(f"train.attention_backend: must be auto, sdpa or flex, got {t.attention_backend!r}")
     if t.zero_stage is not None and t.zero_stage not in (0, 1, 2, 3):
         p.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
     if not Path(t.deepspeed_config).is_file():

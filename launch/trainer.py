@@ -79,11 +79,19 @@ class Trainer:
                         f"{tokens_per_step} tokens/step")
 
         torch.manual_seed(t.seed)
-        model = EncoderForPretraining(self.enc_cfg)
+        model = EncoderForPretraining(self.enc_cfg, attn_backend=t.attention_backend)
         model.init_weights()
+        if t.compile:
+            from model.encoder import compile_layers
+
+            # ZeRO-3 hooks gather each layer's parameters around its forward; a full graph would have to trace them.
+            n = compile_layers(model, fullgraph=self.zero_stage != 3)
+            log0(self.rank, f"torch.compile: {n} encoder layers (compiled at their first forward)")
         n_params = sum(p.numel() for p in model.parameters())
         log0(self.rank, f"model: {n_params / 1e6:.2f}M parameters ({self.enc_cfg.num_layers} layers, "
-                        f"hidden {self.enc_cfg.hidden_size}, vocab {tok.vocab_size})")
+                        f"hidden {self.enc_cfg.hidden_size}, vocab {tok.vocab_size}); attention backend "
+                        f"{t.attention_backend}" + (" (sdpa on this device)" if t.attention_backend == "auto"
+                                                    and not has_gpu else ""))
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         # Before initialize: a checkpoint from another world size needs DeepSpeed's universal loading switched on.

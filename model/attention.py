@@ -1,13 +1,39 @@
-"""Self-attention: the mask (bidirectional / causal / prefix, never across packed documents), RoPE, the block.
+"""Self-attention: the mask (bidirectional / causal / prefix, never across packed documents), RoPE, the block, and
+the choice of kernel (SDPA or FlexAttention).
 
-Every masking decision lives in `build_attention_mask`, and every kernel call in `SelfAttention._attend`, so a
-later change of kernel (FlexAttention block masks, FlashAttention varlen with cu_seqlens from doc_ids) touches
-only these two places.
+One rule, two encodings. `visible` is the only statement of who may attend to whom; `build_attention_mask` turns
+it into a dense boolean mask for SDPA and `build_block_mask` hands the same function to FlexAttention as its
+mask_mod. Every kernel call is in `SelfAttention._attend`.
+
+Backends (the `attn_backend` runtime option of Encoder; not part of EncoderConfig, so never in a checkpoint):
+- "sdpa": F.scaled_dot_product_attention. No mask for plain bidirectional rows, is_causal for plain causal rows
+  (both keep the flash kernel usable on GPU); a dense [B, 1, T, T] boolean mask otherwise, which on GPU rules
+  out flash and leaves the efficient or math kernel.
+- "flex": torch.nn.attention.flex_attention with a BlockMask built once per forward and shared by all layers.
+  CUDA runs a module-level torch.compile(flex_attention), created lazily on first use (the eager version
+  materialises the whole score matrix). CPU runs the eager version, forward only: torch 2.13 raises
+  NotImplementedError for any CPU backward through flex_attention, so "flex" on CPU with gradients enabled is a
+  ValueError here. Inside a compiled layer (encoder.compile_layers) flex is compiled either way: inductor emits a
+  fused C++ kernel on CPU and a Triton kernel on CUDA.
+- "auto": "flex" on CUDA when the batch needs a mask (doc_ids given, or prefix attention) and flex is available
+  (torch has flex_attention and triton is installed); "sdpa" otherwise, silently. So "auto" is always "sdpa" on
+  CPU, and the unmasked cases stay on SDPA's flash path on GPU.
+
+FLOPs. A dense SDPA mask computes the full T x T score square per head whatever it hides (is_causal lets the
+flash kernel skip the upper half). FlexAttention works in BLOCK_SIZE x BLOCK_SIZE tiles (128 by default), skips
+every tile whose pairs are all masked, and runs the mask_mod only on partially masked tiles. With packed documents
+of lengths L_1..L_n in a row of T tokens, the tiles computed are those that meet a same-document pair: about
+sum(L_i^2) / T^2 of the square for bidirectional rows (plus the tiles straddling document boundaries) and about
+half of that for causal rows; four 128-token documents starting at tile boundaries of a 512 row compute 4 of 16
+tiles. EncoderConfig.flops_per_token counts attention as the full square (12 * num_layers * T * hidden per token,
+forward + backward), which is what dense-mask SDPA executes; it is left unchanged here, so with flex and document
+masks it overstates the attention work actually done.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import importlib.util
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,35 +41,54 @@ from torch import nn
 
 from .config import EncoderConfig
 
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # a torch without FlexAttention: "flex" is refused, "auto" means "sdpa"
+    BlockMask = create_block_mask = flex_attention = None
+
 ATTENTION_KINDS = ("bidirectional", "causal", "prefix")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+FLEX_BLOCK_SIZE = 128
+"""Tile edge of the BlockMask; FlexAttention's default and the granularity at which it skips masked work."""
 
 
 class AttentionMask(NamedTuple):
-    """What the kernel needs: a boolean mask (True = may attend) broadcastable to [B, heads, T, T], or None with
+    """What SDPA needs: a boolean mask (True = may attend) broadcastable to [B, heads, T, T], or None with
     is_causal telling SDPA to apply its own causal pattern (which keeps the flash kernel usable on GPU)."""
 
     mask: torch.Tensor | None
     is_causal: bool
 
 
-def build_attention_mask(
-    attention: str,
-    batch: int,
-    seq_len: int,
-    device: torch.device,
-    doc_ids: torch.Tensor | None = None,
-    prefix_len: torch.Tensor | None = None,
-) -> AttentionMask:
-    """The attention pattern for one micro-batch, built once and shared by every layer.
+class FlexMask(NamedTuple):
+    """What flex_attention needs: a BlockMask over [B, 1, T, T] whose mask_mod is `visible`."""
 
-    bidirectional: every token sees every token of its document.
-    causal: token i sees tokens j <= i of its document.
-    prefix: row b is bidirectional over its first prefix_len[b] tokens and causal after them; a prefix token never
-    sees a suffix token. Key j is visible from query i iff j <= max(i, prefix_len - 1): for a prefix query that is
-    the whole prefix, for a suffix query it is everything up to itself (which includes the whole prefix).
-    doc_ids [B, T]: when given, the pattern is further restricted to pairs in the same document. Every query
-    always sees itself, so no row of the mask is empty (an empty row would make SDPA return NaN).
+    block_mask: Any  # torch.nn.attention.flex_attention.BlockMask (Any so this module imports without flex)
+
+
+def visible(
+    b: torch.Tensor, q: torch.Tensor, k: torch.Tensor, last_shared: torch.Tensor, doc_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """True where query position q of row b may attend to key position k: the one masking rule.
+
+    k <= max(q, last_shared[b]): row b is bidirectional over positions 0..last_shared[b] and causal after them.
+    That one inequality covers every kind (see `_last_shared`): bidirectional is last_shared = T - 1, causal is
+    last_shared = -1 (k <= q), prefix(n) is last_shared = n - 1, so a prefix query sees the whole prefix and
+    nothing else, and a suffix query sees everything up to itself. With doc_ids [B, T], the pair must also lie in
+    the same document. Every query sees itself, so no row is empty (an empty row would make SDPA return NaN).
+
+    Written with tensor ops only, so it works on broadcast index grids (the dense mask) and on the 0-d index
+    tensors FlexAttention vmaps a mask_mod over.
     """
+    allowed = k <= torch.maximum(q, last_shared[b])
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[b, q] == doc_ids[b, k])
+    return allowed
+
+
+def _check_mask_args(
+    attention: str, batch: int, seq_len: int, doc_ids: torch.Tensor | None, prefix_len: torch.Tensor | None
+) -> None:
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention={attention!r} is not one of {ATTENTION_KINDS}")
     if doc_ids is not None and tuple(doc_ids.shape) != (batch, seq_len):
@@ -55,24 +100,129 @@ def build_attention_mask(
     elif prefix_len is not None:
         raise ValueError(f"prefix_len is only meaningful with attention='prefix', not {attention!r}")
 
+
+def _last_shared(
+    attention: str, batch: int, seq_len: int, device: torch.device, prefix_len: torch.Tensor | None
+) -> torch.Tensor:
+    """[B] int64: the last position of each row's bidirectional head, the parameter of `visible`."""
+    if attention == "prefix":
+        return prefix_len.to(device=device, dtype=torch.long) - 1
+    last = seq_len - 1 if attention == "bidirectional" else -1
+    return torch.full((batch,), last, dtype=torch.long, device=device)
+
+
+def build_attention_mask(
+    attention: str,
+    batch: int,
+    seq_len: int,
+    device: torch.device,
+    doc_ids: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | None = None,
+) -> AttentionMask:
+    """The SDPA form of `visible` for one micro-batch, built once and shared by every layer.
+
+    bidirectional: every token sees every token of its document.
+    causal: token i sees tokens j <= i of its document.
+    prefix: row b is bidirectional over its first prefix_len[b] tokens and causal after them; a prefix token never
+    sees a suffix token.
+    doc_ids [B, T]: when given, the pattern is further restricted to pairs in the same document.
+    Plain bidirectional and plain causal rows need no tensor (SDPA's no-mask and is_causal paths); everything else
+    is a dense [B, 1, T, T] boolean mask.
+    """
+    _check_mask_args(attention, batch, seq_len, doc_ids, prefix_len)
     if doc_ids is None and attention == "bidirectional":
         return AttentionMask(None, False)
     if doc_ids is None and attention == "causal":
         return AttentionMask(None, True)
-
     pos = torch.arange(seq_len, device=device)
-    query, key = pos[:, None], pos[None, :]
-    if attention == "bidirectional":
-        mask = None
-    elif attention == "causal":
-        mask = (key <= query)[None]  # [1, T, T]
-    else:
-        last_visible = torch.maximum(query[None], prefix_len.to(device)[:, None, None] - 1)  # [B, T, 1]
-        mask = key[None] <= last_visible  # [B, T, T]
-    if doc_ids is not None:
-        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
-        mask = same_doc if mask is None else mask & same_doc
+    rows = torch.arange(batch, device=device)[:, None, None]
+    last_shared = _last_shared(attention, batch, seq_len, device, prefix_len)
+    mask = visible(rows, pos[None, :, None], pos[None, None, :], last_shared, doc_ids)  # [B, T, T]
     return AttentionMask(mask[:, None], False)  # add the head axis
+
+
+def build_block_mask(
+    attention: str,
+    batch: int,
+    seq_len: int,
+    device: torch.device,
+    doc_ids: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | None = None,
+    block_size: int = FLEX_BLOCK_SIZE,
+) -> FlexMask:
+    """The FlexAttention form of `visible`: same arguments and rules as build_attention_mask.
+
+    Rows without doc_ids get an all-zero doc_ids, so every kind and every batch uses the same mask_mod code with
+    tensors of the same shapes: a compiled layer traces one graph for all attention kinds instead of one per kind
+    (the cost is one [B, T] compare on partially masked tiles).
+    """
+    if create_block_mask is None:
+        raise ValueError(f"attn_backend='flex' needs torch.nn.attention.flex_attention, absent in torch "
+                         f"{torch.__version__}; use attn_backend='sdpa' or 'auto'")
+    _check_mask_args(attention, batch, seq_len, doc_ids, prefix_len)
+    last_shared = _last_shared(attention, batch, seq_len, device, prefix_len)
+    docs = torch.zeros(batch, seq_len, dtype=torch.long, device=device) if doc_ids is None else doc_ids.to(device)
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return visible(b, q, k, last_shared, docs)
+
+    _flex_kernel(device.type)  # create the compiled CUDA kernel here, outside any compiled layer's trace
+    block_mask = create_block_mask(mask_mod, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device,
+                                   BLOCK_SIZE=block_size)
+    return FlexMask(block_mask)
+
+
+def flex_available(device: torch.device) -> bool:
+    """Whether attn_backend='flex' can run on this device: torch has flex_attention, and on CUDA triton is
+    installed (the compiled kernel is Triton). CPU needs nothing more (forward only, see the module docstring)."""
+    if flex_attention is None:
+        return False
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return device.type == "cpu"
+
+
+def check_attention_backend(name: str) -> str:
+    """`name` if it is a backend this torch can offer somewhere, else a ValueError naming the choices."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attn_backend={name!r} is not one of {ATTENTION_BACKENDS}")
+    if name == "flex" and flex_attention is None:
+        raise ValueError(f"attn_backend='flex' needs torch.nn.attention.flex_attention, absent in torch "
+                         f"{torch.__version__}; use attn_backend='sdpa' or 'auto'")
+    return name
+
+
+def resolve_attention_backend(name: str, device: torch.device, needs_mask: bool, needs_grad: bool) -> str:
+    """The kernel ("sdpa" or "flex") that backend `name` uses for one forward.
+
+    needs_mask: the batch has doc_ids or prefix attention (SDPA would need a dense mask).
+    needs_grad: autograd will run backward through attention (flex has no CPU backward in torch 2.13).
+    """
+    check_attention_backend(name)
+    if name == "sdpa":
+        return "sdpa"
+    if name == "auto":
+        return "flex" if device.type == "cuda" and needs_mask and flex_available(device) else "sdpa"
+    if not flex_available(device):
+        raise ValueError(f"attn_backend='flex' is unavailable on device {device} (CUDA needs triton); "
+                         "use attn_backend='auto' to fall back to sdpa")
+    if device.type == "cpu" and needs_grad:
+        raise ValueError("attn_backend='flex' cannot train on CPU: torch has no CPU backward for flex_attention; "
+                         "use attn_backend='auto' or 'sdpa', or run under torch.no_grad()")
+    return "flex"
+
+
+_COMPILED_FLEX = None
+"""torch.compile(flex_attention), made on the first CUDA use: compiling at import would tax every CPU process."""
+
+
+def _flex_kernel(device_type: str):
+    global _COMPILED_FLEX
+    if device_type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention)
+    return _COMPILED_FLEX
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -96,7 +246,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SelfAttention(nn.Module):
-    """Fused QKV projection, RoPE, SDPA, output projection; no biases (names match ModernBertAttention)."""
+    """Fused QKV projection, RoPE, attention kernel, output projection; no biases (names match
+    ModernBertAttention)."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -106,7 +257,7 @@ class SelfAttention(nn.Module):
         self.Wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask | FlexMask
     ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         # Output features are laid out [q | k | v], each [heads, head_dim], as in ModernBERT's Wqkv.
@@ -118,6 +269,14 @@ class SelfAttention(nn.Module):
         return self.Wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
     @staticmethod
-    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-        # Default scale 1/sqrt(head_dim), no dropout: ModernBERT pretrains with attention dropout 0.
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | FlexMask) -> torch.Tensor:
+        # Default scale 1/sqrt(head_dim) in both kernels, no dropout: ModernBERT pretrains with attention dropout 0.
+        if isinstance(mask, FlexMask):
+            if q.device.type == "cpu":
+                # torch 2.13's compiled CPU flex kernel misreads a value that is a strided view with a storage
+                # offset (v here is a slice of the fused Wqkv output) once q and k are computed buffers: outputs
+                # off by O(1), seen in tests/test_attention_backends.py. A contiguous copy avoids it; CPU flex is
+                # a test path, so the copy costs nothing that matters. The CUDA (Triton) kernel takes strides.
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            return _flex_kernel(q.device.type)(q, k, v, block_mask=mask.block_mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal)

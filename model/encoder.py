@@ -2,6 +2,10 @@
 
 Module and parameter names (embeddings.tok_embeddings, layers.N.attn.Wqkv, layers.N.mlp.Wi, final_norm, ...) are
 ModernBERT's own; model/hf.py relies on that and checks every key against an explicit list.
+
+The attention kernel is a runtime choice (`attn_backend`, see model/attention.py), not a shape: it is not in
+EncoderConfig and never reaches a checkpoint or an export. `compile_layers` compiles each block in place for
+training with torch.compile.
 """
 
 from __future__ import annotations
@@ -10,7 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMask, SelfAttention, build_attention_mask, rotary_cos_sin
+from .attention import (
+    AttentionMask,
+    FlexMask,
+    SelfAttention,
+    build_attention_mask,
+    build_block_mask,
+    check_attention_backend,
+    resolve_attention_backend,
+    rotary_cos_sin,
+)
 from .config import EncoderConfig
 
 
@@ -60,17 +73,24 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = layer_norm(cfg)
         self.mlp = GeGLU(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask | FlexMask
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Encoder(nn.Module):
-    """Embeddings, num_layers pre-norm blocks with global attention, final LayerNorm."""
+    """Embeddings, num_layers pre-norm blocks with global attention, final LayerNorm.
 
-    def __init__(self, cfg: EncoderConfig) -> None:
+    attn_backend: "sdpa" (default, the dense-mask path), "flex" or "auto"; see model/attention.py. Changeable at
+    any time with set_attention_backend; it holds no parameters, so the state dict is the same for all three.
+    """
+
+    def __init__(self, cfg: EncoderConfig, attn_backend: str = "sdpa") -> None:
         super().__init__()
         self.cfg = cfg
+        self.attn_backend = check_attention_backend(attn_backend)
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(EncoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = layer_norm(cfg)
@@ -90,6 +110,10 @@ class Encoder(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
+
+    def set_attention_backend(self, name: str) -> None:
+        """Switch the attention kernel ("auto", "sdpa", "flex"); ValueError for any other name."""
+        self.attn_backend = check_attention_backend(name)
 
     def forward(
         self,
@@ -114,9 +138,35 @@ class Encoder(nn.Module):
                 f"row length {seq_len} exceeds max_position_embeddings={self.cfg.max_position_embeddings}; "
                 "shorten the rows or raise the config value"
             )
-        mask = build_attention_mask(attention, batch, seq_len, input_ids.device, doc_ids, prefix_len)
-        rope = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, input_ids.device)
+        device = input_ids.device
+        needs_mask = doc_ids is not None or attention == "prefix"
+        # Parameters are what make attention's inputs require grad; any() stops at the first trainable one.
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        backend = resolve_attention_backend(self.attn_backend, device, needs_mask, needs_grad)
+        build = build_block_mask if backend == "flex" else build_attention_mask
+        mask = build(attention, batch, seq_len, device, doc_ids, prefix_len)
+        rope = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
         x = self.embeddings(input_ids)
         for layer in self.layers:
             x = layer(x, rope, mask)
         return self.final_norm(x)
+
+
+def compile_layers(model: nn.Module, fullgraph: bool = True, dynamic: bool | None = False) -> int:
+    """torch.compile every EncoderLayer of `model` in place; returns how many were compiled.
+
+    Per-block compilation, as torchtitan does: each block is one graph (attention + MLP + norms fused by
+    inductor), while embeddings, mask building and the head stay eager. nn.Module.compile keeps the module tree,
+    so state-dict names do not change (torch.compile(module) would prefix them with _orig_mod.). Blocks share one
+    graph except block 0 (its attention norm is Identity). Call it before handing the model to DeepSpeed.
+
+    fullgraph=True makes any graph break inside a block an error instead of a silent slowdown. dynamic=False
+    specialises on the (fixed) training shapes; every new (B, T) then costs one recompilation.
+    """
+    layers = [m for m in model.modules() if isinstance(m, EncoderLayer)]
+    if not layers:
+        raise ValueError(f"compile_layers: {type(model).__name__} holds no EncoderLayer; pass the cloze model "
+                         "(Encoder or EncoderForPretraining) before any wrapper")
+    for layer in layers:
+        layer.compile(fullgraph=fullgraph, dynamic=dynamic)
+    return len(layers)

@@ -51,12 +51,14 @@ class PretrainOutput:
 
 class EncoderForPretraining(nn.Module):
     """Encoder + MLM head. The head runs only on the gathered labelled positions: with 15% masking that skips
-    85% of the hidden x vocab decoder matmul, the largest single matmul of a small model."""
+    85% of the hidden x vocab decoder matmul, the largest single matmul of a small model.
 
-    def __init__(self, cfg: EncoderConfig) -> None:
+    attn_backend is passed to the Encoder (see model/attention.py); it is a runtime option, not a shape."""
+
+    def __init__(self, cfg: EncoderConfig, attn_backend: str = "sdpa") -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = Encoder(cfg, attn_backend=attn_backend)
         self.head = MLMHead(cfg, self.encoder.embeddings.tok_embeddings)
         self.init_weights()
 
@@ -78,6 +80,14 @@ class EncoderForPretraining(nn.Module):
         trunc_normal_(self.head.dense.weight, self.cfg.init_std / (2.0 * self.cfg.num_layers) ** 0.5)
         nn.init.ones_(self.head.norm.weight)
         nn.init.zeros_(self.head.decoder.bias)
+
+    @property
+    def attn_backend(self) -> str:
+        return self.encoder.attn_backend
+
+    def set_attention_backend(self, name: str) -> None:
+        """Switch the encoder's attention kernel ("auto", "sdpa", "flex"); ValueError for any other name."""
+        self.encoder.set_attention_backend(name)
 
     def forward(
         self,
