@@ -44,10 +44,9 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class Metrics:
     def __init__(self, out_dir: Path, objective_names: list[str], rank: int, max_steps: int, device: torch.device,
-                 hparams: dict, seq_len: int, flops_per_token: float, peak_tflops: float):
+                 hparams: dict, seq_len: int, peak_tflops: float):
         self.device = device
         self.seq_len = seq_len
-        self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops_for(device, peak_tflops)
         self.names = list(objective_names)
         self.rank = rank
@@ -67,13 +66,17 @@ class Metrics:
         # per objective: loss x labels, labels, correct, micro-batches
         self.acc = torch.zeros(len(self.names), 4, dtype=torch.float64)
         self.tokens = 0
+        self.flops = 0.0
         self.data_wait = 0.0
         self.t_window = time.perf_counter()
 
-    def micro(self, objective: str, loss: float, num_labels: int, num_correct: int, tokens: int, wait: float):
+    def micro(self, objective: str, loss: float, num_labels: int, num_correct: int, tokens: int, wait: float,
+              flops: float = 0.0):
+        """One micro-batch's values; `flops` its useful training FLOPs (EncoderConfig.useful_flops), for MFU."""
         i = self.names.index(objective)
         self.acc[i] += torch.tensor([loss * num_labels, num_labels, num_correct, 1], dtype=torch.float64)
         self.tokens += tokens
+        self.flops += flops
         self.data_wait += wait
 
     def step_record(self, step: int, record: dict) -> None:
@@ -85,20 +88,23 @@ class Metrics:
     def log(self, step: int, lr: float, grad_norm: float | None, start_step: int) -> dict:
         """Collective at log steps: reduce the window over ranks, then rank 0 writes. Returns the reduced values."""
         # One reduction for everything, on the device (NCCL reduces GPU tensors only).
-        flat = torch.cat([self.acc.flatten(), torch.tensor([self.tokens, self.data_wait], dtype=torch.float64)])
-        flat = flat.to(self.device)
+        extra = torch.tensor([self.tokens, self.data_wait, self.flops], dtype=torch.float64)
+        flat = torch.cat([self.acc.flatten(), extra]).to(self.device)
         if dist.is_initialized():
             dist.all_reduce(flat)
         flat = flat.cpu()
-        acc, extra = flat[:-2].reshape(self.acc.shape), flat[-2:]
+        acc, extra = flat[: -len(extra)].reshape(self.acc.shape), flat[-len(extra):]
         now = time.perf_counter()
         window = max(now - self.t_window, 1e-9)
         world = dist.get_world_size() if dist.is_initialized() else 1
         out: dict = {"lr": lr, "tokens_per_s": extra[0].item() / window,
                      "data_wait_share": extra[1].item() / (window * world)}
         out["samples_per_s"] = out["tokens_per_s"] / self.seq_len
+        out["useful_tflops_per_device"] = extra[2].item() / window / world / 1e12
         if self.peak_flops:
-            out["mfu"] = out["tokens_per_s"] * self.flops_per_token / (self.peak_flops * world)
+            # Useful FLOPs only: the attention pairs the pattern lets meet and the head on labelled positions, as
+            # counted per micro-batch; what a kernel computes beyond that (masked pairs) does not count.
+            out["mfu"] = extra[2].item() / window / (self.peak_flops * world)
         out["memory_gib"] = peak_memory_gib(self.device)
         if grad_norm is not None:
             out["grad_norm"] = grad_norm

@@ -128,12 +128,8 @@ class Trainer:
             self.evaluator = Evaluator(cfg.eval.path, cfg.data.seq_len, t.micro_batch_size, cfg.eval.batches,
                                        self.rank, self.world, self.tok_info, seed=cfg.eval.seed)
         self.preempt = Preemption(self.rank, self.device)
-        from launch.plan import expected_labelled_fraction
-
         self.metrics = Metrics(self.out_dir, list(self.objectives), self.rank, t.max_steps, self.device,
                                {"config": cfg.to_dict(), "deepspeed": ds_config}, seq_len=cfg.data.seq_len,
-                               flops_per_token=self.enc_cfg.flops_per_token(cfg.data.seq_len,
-                                                                            expected_labelled_fraction(cfg)),
                                peak_tflops=t.peak_tflops)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -255,6 +251,7 @@ class Trainer:
     def _fetch(self, it, step: int, micro: int) -> dict:
         """Micro-batch (step, micro): read from the stream and masked by the objective the mixer picks for it. The
         CPU work of the next micro-batch runs while the device computes the current forward (see train)."""
+        from model.attention import visible_pairs
         from objectives import step_generator
 
         t = self.cfg.train
@@ -264,7 +261,8 @@ class Trainer:
         wait = time.perf_counter() - tw
         batch = self.objectives[name](rows, doc_ids, step_generator(t.seed, self.rank, step, micro), self.tok_info)
         # The host copy stays for the mixer's counts, which would otherwise read the device (a synchronisation).
-        return {"name": name, "host": batch, "batch": self._to_device(batch), "tokens": rows.numel(), "wait": wait}
+        return {"name": name, "host": batch, "batch": self._to_device(batch), "tokens": rows.numel(), "wait": wait,
+                "pairs": visible_pairs(batch.attention, batch.doc_ids, batch.prefix_len)}
 
     def _boundary_snapshot(self) -> dict:
         """The stream's position and counters now, between two steps: taken before the next step's first
@@ -308,7 +306,8 @@ class Trainer:
                 if finite:
                     self.engine.backward(loss)
                     step_losses[name] = value
-                    self.metrics.micro(name, value, num_labels, num_correct, current["tokens"], current["wait"])
+                    flops = self.enc_cfg.useful_flops(current["tokens"], current["pairs"], num_labels)
+                    self.metrics.micro(name, value, num_labels, num_correct, current["tokens"], current["wait"], flops)
                 else:
                     # Keep DeepSpeed's accumulation counters and every rank's collectives in step: backward a
                     # loss that is exactly 0 on a harmless batch (all [PAD], no labels) instead of the bad one.

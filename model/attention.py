@@ -280,3 +280,20 @@ class SelfAttention(nn.Module):
                 q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             return _flex_kernel(q.device.type)(q, k, v, block_mask=mask.block_mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal)
+
+
+def visible_pairs(attention: str, doc_ids: torch.Tensor, prefix_len: torch.Tensor | None = None) -> int:
+    """How many (query, key) pairs of a [B, T] micro-batch the pattern lets meet: the attention work that is
+    useful, for MFU. Closed forms for bidirectional (sum of L^2 over documents) and causal (sum of L(L+1)/2); the
+    dense mask for prefix (rare; B x T x T booleans on the host)."""
+    if attention == "prefix":
+        batch, seq_len = doc_ids.shape
+        mask = build_attention_mask("prefix", batch, seq_len, doc_ids.device, doc_ids, prefix_len).mask
+        return int(mask.sum())
+    offsets = torch.arange(doc_ids.shape[0], device=doc_ids.device)[:, None] * (int(doc_ids.max()) + 1)
+    lengths = torch.bincount((doc_ids + offsets).flatten()).to(torch.int64)
+    if attention == "bidirectional":
+        return int((lengths * lengths).sum())
+    if attention == "causal":
+        return int((lengths * (lengths + 1) // 2).sum())
+    raise ValueError(f"attention={attention!r} is not one of {ATTENTION_KINDS}")

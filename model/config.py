@@ -105,6 +105,20 @@ class EncoderConfig:
         head = 6 * (h * h + h * v) * labelled_fraction
         return 6.0 * matmul_params + attention + head
 
+    def useful_flops(self, tokens: int, visible_pairs: int, num_labels: int) -> float:
+        """Training FLOPs (forward + backward) of one micro-batch that do useful work, for MFU on useful FLOPs.
+
+        tokens x 6 x (encoder matmul weights), plus 12 x num_layers x hidden_size per (query, key) pair that the
+        attention pattern lets meet (QK^T and PV: 2 x 2 FLOPs per multiply-add per pair and layer, x3 for
+        backward) -- pairs across packed documents or hidden by the causal pattern are not useful work, whether or
+        not a kernel computes them -- plus the head (dense + tied decoder) on the num_labels labelled positions.
+        """
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        dense = 6.0 * self.num_layers * (4 * h * h + 3 * h * i) * tokens
+        attention = 12.0 * self.num_layers * h * visible_pairs
+        head = 6.0 * (h * h + h * v) * num_labels
+        return dense + attention + head
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -66,6 +66,16 @@ def test_progress_and_tensorboard(tiny_run):
         values = [e.value for e in acc.Scalars(name)]
         assert values and all(math.isfinite(v) for v in values), (name, values)
     assert "mfu" not in tags  # CPU: no peak to divide by, so no made-up MFU
+    # Useful FLOPs per token (from the per-micro-batch count) must lie between the dense matmuls alone and the
+    # full-square, every-position-labelled upper bound of the tiny model (hidden 64, 2 layers, GeGLU 96).
+    from model.config import EncoderConfig
+
+    cfg = EncoderConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96)
+    useful = [e.value for e in acc.Scalars("useful_tflops_per_device")]
+    rates = [e.value for e in acc.Scalars("tokens_per_s")]
+    for flops, rate in zip(useful, rates, strict=True):
+        per_token = flops * 1e12 * 2 / rate  # 2 ranks: the rate is summed over them, the FLOPs are per device
+        assert 6 * cfg.num_params(include_embeddings=False) * 0.9 < per_token < cfg.flops_per_token(64, 1.0)
 
 
 def test_checkpoint_reloads_and_continues(tiny_run, tiny_data):
