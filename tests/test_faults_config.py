@@ -30,6 +30,9 @@ OVERRIDE_CASES = [
     (["model=[1, 2]"], ["model", "expected a mapping"]),
     (["train.betas=[0.9]"], ["train.betas", "list of 2"]),
     (["data.path=[a, b]"], ["data.path", "string"]),
+    (["train.compile=yes please"], ["train.compile", "true/false"]),
+    (["train.attention_backend=flash"], ["train.attention_backend", "auto, sdpa or flex"]),
+    (["train.atention_backend=flex"], ["train.atention_backend", "attention_backend"]),
     # ranges
     (["train.max_steps=0"], ["train.max_steps", ">= 1"]),
     (["train.grad_accum=-2"], ["train.grad_accum", ">= 1"]),
