@@ -250,7 +250,7 @@ class Trainer:
 
     def _fetch(self, it, step: int, micro: int) -> dict:
         """Micro-batch (step, micro): read from the stream and masked by the objective the mixer picks for it. The
-        CPU work of the next micro-batch runs while the device computes the current forward (see train)."""
+        CPU work of the next micro-batch runs while the device computes the current backward (see train)."""
         from model.attention import visible_pairs
         from objectives import step_generator
 
@@ -294,14 +294,6 @@ class Trainer:
                 loss = out.loss
                 if self.step + 1 in self.fault_nan_steps and micro == 0 and self.rank == 0:
                     loss = loss * float("nan")  # fault injection (tests): CLOZE_FAULT_NAN_STEPS
-                # Prepare the next micro-batch while the device runs this forward (the host reads its scalars
-                # below, which waits for the forward). Across a step boundary, remember the stream's position
-                # first: a checkpoint after this step must not count the prefetched batch as consumed.
-                if micro + 1 < t.grad_accum:
-                    upcoming = self._fetch(it, self.step, micro + 1)
-                elif self.step + 1 < t.max_steps:
-                    self._boundary = self._boundary_snapshot()
-                    upcoming = self._fetch(it, self.step + 1, 0)
                 finite, value, num_labels, num_correct = self._read_scalars(out, loss)
                 if finite:
                     self.engine.backward(loss)
@@ -314,6 +306,14 @@ class Trainer:
                     bad_step = True
                     self.skipped_micro_batches += 1
                     self.engine.backward(self._forward(self._null_batch(batch)).loss)
+                # The backward is queued on the device, not finished: prepare the next micro-batch (reading,
+                # masking, the copy to the device) while it runs. Across a step boundary, remember the stream's
+                # position first: a checkpoint after this step must not count the prefetched batch as consumed.
+                if micro + 1 < t.grad_accum:
+                    upcoming = self._fetch(it, self.step, micro + 1)
+                elif self.step + 1 < t.max_steps:
+                    self._boundary = self._boundary_snapshot()
+                    upcoming = self._fetch(it, self.step + 1, 0)
                 self.engine.step()
                 self.tokens_seen += current["tokens"] * self.world
             if bad_step:
