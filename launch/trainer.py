@@ -118,6 +118,8 @@ class Trainer:
         self._boundary: dict | None = None  # see _boundary_snapshot
         self.skipped_steps = self.skipped_micro_batches = self.bad_in_a_row = 0
         self.fault_nan_steps = {int(s) for s in os.environ.get("CLOZE_FAULT_NAN_STEPS", "").split(",") if s.strip()}
+        self.fault_nan_grad_steps = {int(s) for s in os.environ.get("CLOZE_FAULT_NAN_GRAD_STEPS", "").split(",")
+                                     if s.strip()}
         if os.environ.get("CLOZE_FAULT_PID_DIR"):  # fault injection (tests): lets a test SIGKILL one chosen rank
             Path(os.environ["CLOZE_FAULT_PID_DIR"], f"rank{self.rank}.pid").write_text(str(os.getpid()))
         self._maybe_resume()
@@ -156,7 +158,24 @@ class Trainer:
             return shards[: snap["consumed"]] if snap else shards
         return dict(snap["stats"]) if snap else self.stream.stats()
 
+    def _weights_finite(self) -> bool:
+        """Collective: every rank's weights (its ZeRO-3 partition, else the module's own copy) are finite. A gradient
+        can be non-finite while the loss was finite (the loss guard cannot see it); the step then writes NaN into
+        the weights, and a checkpoint of those would replace a good one."""
+        local = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        bad = torch.stack([~torch.isfinite(x).all() for x in local if x.numel()]).any().float().reshape(1)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
+
     def save(self) -> str:
+        if not self._weights_finite():
+            latest = checkpoint.read_latest(self.ckpt_dir, warn=False)
+            raise TrainingHalted(
+                f"the weights are non-finite after step {self.step} (a non-finite gradient with a finite loss); "
+                f"no checkpoint written, so the last good one stays: "
+                f"{self.ckpt_dir / latest if latest else 'none yet'}. Resume from it with a lower train.lr or "
+                f"train.grad_clip, or check the data around this position")
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, self._rank_state(), self._run_info(),
                               self.tokenizer_dir, self.cfg.train.keep_checkpoints)
         log0(self.rank, f"checkpoint {self.ckpt_dir / tag}")
@@ -296,7 +315,13 @@ class Trainer:
                     loss = loss * float("nan")  # fault injection (tests): CLOZE_FAULT_NAN_STEPS
                 finite, value, num_labels, num_correct = self._read_scalars(out, loss)
                 if finite:
+                    hook = None
+                    if self.step + 1 in self.fault_nan_grad_steps and micro == 0 and self.rank == 0:
+                        # fault injection (tests): CLOZE_FAULT_NAN_GRAD_STEPS, a NaN gradient under a finite loss
+                        hook = self.engine.module.encoder.final_norm.weight.register_hook(lambda g: g * float("nan"))
                     self.engine.backward(loss)
+                    if hook is not None:
+                        hook.remove()
                     step_losses[name] = value
                     flops = self.enc_cfg.useful_flops(current["tokens"], current["pairs"], num_labels)
                     self.metrics.micro(name, value, num_labels, num_correct, current["tokens"], current["wait"], flops)
@@ -314,7 +339,13 @@ class Trainer:
                 elif self.step + 1 < t.max_steps:
                     self._boundary = self._boundary_snapshot()
                     upcoming = self._fetch(it, self.step + 1, 0)
+                skipped_before = self.engine.skipped_steps
                 self.engine.step()
+                if self.engine.skipped_steps > skipped_before:
+                    # ZeRO-1/2 (fp32, and bf16 with check_grad_overflow) skip an update whose gradient norm is not
+                    # finite, on every rank alike; the loss guard above cannot see that case (the loss was finite).
+                    log0(self.rank, f"step {self.step + 1}: non-finite gradient norm; DeepSpeed skipped the update "
+                                    f"({self.engine.skipped_steps} in all)")
                 self.tokens_seen += current["tokens"] * self.world
             if bad_step:
                 self.skipped_steps += 1
@@ -356,6 +387,7 @@ class Trainer:
         summary = {"steps": self.step, "steps_this_launch": self.step - start, "tokens_seen": self.tokens_seen,
                    "wall_s": round(wall, 2), "mean_tokens_per_s": round(tokens_now / max(wall, 1e-9), 1),
                    "skipped_steps": self.skipped_steps, "skipped_micro_batches": self.skipped_micro_batches,
+                   "skipped_updates_nonfinite_grad": int(self.engine.skipped_steps),
                    "data": self._data_stats(),
                    "final": last, "eval": last_eval, "objectives": self.mixer.counts(),
                    "checkpoint": str(self.ckpt_dir / tag), "tensorboard": str(self.out_dir / "tensorboard")}

@@ -176,3 +176,27 @@ def test_compiled_layers_train_like_eager(tiny_data, tmp_path):
         assert a["loss"].keys() == b["loss"].keys()
         for k in a["loss"]:
             assert abs(a["loss"][k] - b["loss"][k]) < 1e-4, (a, b)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_nan_gradient_under_a_finite_loss(tiny_data, tmp_path, stage):
+    """A NaN gradient under a finite loss at step 5 (the loss guard cannot see it). ZeRO-2 skips that update itself
+    (DeepSpeed's gradient-norm check): the trainer says so, counts it, and the run ends with finite weights. ZeRO-0
+    has no such check, so the NaN reaches the weights: the run halts at its next checkpoint (step 8) with exit 3
+    instead of writing it, and `latest` keeps step 4."""
+    out = tmp_path / "run"
+    proc = run_cli(["launch.train", "--config", "launch/configs/tiny.yaml", "--nproc", "2", f"data.path={tiny_data}",
+                    f"out_dir={out}", "train.max_steps=8", "train.checkpoint_every=4", "train.log_every=4",
+                    f"train.zero_stage={stage}"], env={"CLOZE_FAULT_NAN_GRAD_STEPS": "5"})
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if stage == 2:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "step 5: non-finite gradient norm; DeepSpeed skipped the update (1 in all)" in proc.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["skipped_updates_nonfinite_grad"] == 1 and summary["skipped_steps"] == 0
+        assert all(v == v for r in read_steps(out) for v in r["loss"].values())  # no NaN loss afterwards
+        return
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "weights are non-finite after step 8" in proc.stderr and "step_00000004" in proc.stderr, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert not (out / "checkpoints" / "step_00000008").exists()
