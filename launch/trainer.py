@@ -210,6 +210,14 @@ class Trainer:
             epochs = self.stream.load_reshaped([s["stream"] for s in plan.states])  # {source label: epoch}
             log0(self.rank, f"resumed from {self.ckpt_dir / plan.tag} at step {self.step} on {self.world} ranks "
                             f"(written by {plan.old_world}): the data restarts epoch(s) {epochs} with the new split")
+        elif isinstance(state["stream"], dict) and state["stream"].get("partitions") != self.stream.partitions:
+            # Same world, another data.num_workers: the positions belong to another split of each rank's shards.
+            # Map them like a world-size change (every old rank's position is needed for that).
+            every = [checkpoint.load_rank_state(self.ckpt_dir, plan.tag, r)["stream"] for r in range(self.world)]
+            epochs = self.stream.load_reshaped(every)
+            log0(self.rank, f"resumed from {self.ckpt_dir / plan.tag} at step {self.step}; data.num_workers changed "
+                            f"({state['stream'].get('partitions')} -> {self.stream.partitions} loader partitions per "
+                            f"rank): the data restarts epoch(s) {epochs} with the new split")
         else:
             self.stream.load_state_dict(state["stream"])
             log0(self.rank, f"resumed from {self.ckpt_dir / plan.tag} at step {self.step}")

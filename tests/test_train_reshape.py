@@ -36,3 +36,19 @@ def test_resume_on_another_world_size(stage, before, after, tiny_data, tmp_path)
     states = [json.loads((out / "checkpoints" / "step_00000016" / f"trainer_state_rank{r}.json").read_text())
               for r in range(after)]
     assert all(s["step"] == 16 for s in states)
+
+
+def test_resume_with_another_num_workers(tiny_data, tmp_path):
+    """Same world, data.num_workers 0 -> 2: the saved positions belong to one partition per rank, the new loader
+    has two; the trainer maps them as for a world-size change (restart the unfinished epoch with the new split)
+    instead of refusing the checkpoint. Weights and optimizer come back exactly (same world)."""
+    out = tmp_path / "run"
+    common = ["launch.train", "--config", "launch/configs/tiny.yaml", "--nproc", "2", f"data.path={tiny_data}",
+              f"out_dir={out}", "train.max_steps=12", "train.log_every=4"]
+    run_cli([*common, "data.num_workers=0", "train.stop_at=6"], check=True)
+    proc = run_cli([*common, "data.num_workers=2"], check=True)
+    assert "data.num_workers changed (1 -> 2 loader partitions per rank)" in proc.stderr, proc.stderr[-3000:]
+    assert [r["step"] for r in steps_of(out)] == list(range(1, 13)), "a gap or a repeated step"
+    states = [json.loads((out / "checkpoints" / "step_00000012" / f"trainer_state_rank{r}.json").read_text())
+              for r in range(2)]
+    assert all(s["stream"]["partitions"] == 2 for s in states)
