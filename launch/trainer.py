@@ -229,6 +229,8 @@ class Trainer:
         import dataclasses
 
         cuda = self.device.type == "cuda"
+        if isinstance(batch, torch.Tensor):
+            return (batch.pin_memory() if cuda else batch).to(self.device, non_blocking=cuda)
 
         def move(x):
             if not isinstance(x, torch.Tensor):
@@ -237,9 +239,9 @@ class Trainer:
 
         return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
 
-    def _forward(self, batch):
+    def _forward(self, batch, label_positions=None):
         return self.engine(input_ids=batch.input_ids, labels=batch.labels, doc_ids=batch.doc_ids,
-                           attention=batch.attention, prefix_len=batch.prefix_len)
+                           attention=batch.attention, prefix_len=batch.prefix_len, label_positions=label_positions)
 
     def _data_stats(self) -> dict[str, int]:
         """The loader's counters (skipped shards/samples by reason, tokens per source) summed over ranks."""
@@ -280,6 +282,7 @@ class Trainer:
         CPU work of the next micro-batch runs while the device computes the current backward (see train)."""
         from model.attention import visible_pairs
         from objectives import step_generator
+        from objectives.batch import IGNORE_INDEX
 
         t = self.cfg.train
         name = self.mixer.choose(step * t.grad_accum + micro)
@@ -288,8 +291,10 @@ class Trainer:
         wait = time.perf_counter() - tw
         batch = self.objectives[name](rows, doc_ids, step_generator(t.seed, self.rank, step, micro), self.tok_info)
         # The host copy stays for the mixer's counts, which would otherwise read the device (a synchronisation).
+        positions = (batch.labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # on the host: no device wait
         return {"name": name, "host": batch, "batch": self._to_device(batch), "tokens": rows.numel(), "wait": wait,
-                "pairs": visible_pairs(batch.attention, batch.doc_ids, batch.prefix_len)}
+                "pairs": visible_pairs(batch.attention, batch.doc_ids, batch.prefix_len),
+                "positions": self._to_device(positions)}
 
     def _boundary_snapshot(self) -> dict:
         """The stream's position and counters now, between two steps: taken before the next step's first
@@ -317,7 +322,7 @@ class Trainer:
                 current = upcoming
                 name, batch = current["name"], current["batch"]
                 self.mixer.record(name, current["host"])
-                out = self._forward(batch)
+                out = self._forward(batch, current["positions"])
                 loss = out.loss
                 if self.step + 1 in self.fault_nan_steps and micro == 0 and self.rank == 0:
                     loss = loss * float("nan")  # fault injection (tests): CLOZE_FAULT_NAN_STEPS

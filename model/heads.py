@@ -96,16 +96,25 @@ class EncoderForPretraining(nn.Module):
         doc_ids: torch.Tensor | None = None,
         attention: str = "bidirectional",
         prefix_len: torch.Tensor | None = None,
+        label_positions: torch.Tensor | None = None,
     ) -> PretrainOutput:
+        """label_positions: optional int64 [N], the flat indices (into B*T) of the positions whose label is not
+        IGNORE_INDEX, in increasing order. The caller knows them on the host before the batch reaches the device;
+        without them the boolean gather below must ask the device how many there are, which makes the host wait
+        for the whole encoder forward in the middle of the step."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
         hidden = self.encoder(input_ids, attention=attention, doc_ids=doc_ids, prefix_len=prefix_len)
-        labelled = labels != IGNORE_INDEX
-        targets = labels[labelled]
-        logits = self.head(hidden[labelled])  # [N, vocab]; N may be 0
+        if label_positions is None:
+            labelled = labels != IGNORE_INDEX
+            targets, chosen = labels[labelled], hidden[labelled]
+        else:
+            targets = labels.reshape(-1).index_select(0, label_positions)
+            chosen = hidden.reshape(-1, hidden.shape[-1]).index_select(0, label_positions)
+        logits = self.head(chosen)  # [N, vocab]; N may be 0
         # Sum / max(N, 1) instead of a mean: with N == 0 it is an exact 0 that still runs through the head and
         # the gather, so every parameter receives a (zero) gradient and no rank skips a collective in backward.
-        num_labels = labelled.sum()
+        num_labels = (targets != IGNORE_INDEX).sum()
         loss = F.cross_entropy(logits.float(), targets, reduction="sum") / num_labels.clamp(min=1)
         with torch.no_grad():
             num_correct = (logits.argmax(dim=-1) == targets).sum()

@@ -287,3 +287,27 @@ def test_init_stds_as_documented():
         if "norm" in name:
             assert torch.equal(p, torch.ones_like(p)), name
     assert torch.equal(model.head.decoder.bias, torch.zeros_like(model.head.decoder.bias))
+
+
+@pytest.mark.parametrize("share", [0.15, 0.0, 1.0])
+def test_label_positions_from_the_host_give_the_same_loss_and_gradients(share):
+    """The trainer passes the labelled positions it computed on the host (no device wait for the gather); the
+    result must be the boolean gather's exactly: same rows in the same order, so the same numbers bit for bit."""
+    torch.manual_seed(0)
+    model = EncoderForPretraining(_sensitive_cfg())
+    ids = _ids(3, 20, seed=5)
+    pick = torch.rand(ids.shape, generator=torch.Generator().manual_seed(6)) < share
+    labels = torch.where(pick, _ids(3, 20, seed=7), torch.full_like(ids, -100))
+    doc_ids = torch.zeros_like(ids)
+    doc_ids[:, 11:] = 1
+    results = []
+    for positions in (None, (labels.reshape(-1) != -100).nonzero().squeeze(1)):
+        model.zero_grad()
+        out = model(ids, labels, doc_ids=doc_ids, label_positions=positions)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((out.loss.detach(), int(out.num_labels), int(out.num_correct), grads))
+    (loss_a, n_a, c_a, g_a), (loss_b, n_b, c_b, g_b) = results
+    assert n_a == n_b == int(pick.sum()) and c_a == c_b
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(g_a, g_b, strict=True))
