@@ -71,7 +71,7 @@ class Metrics:
         self.t_window = time.perf_counter()
 
     def micro(self, objective: str, loss: float, num_labels: int, num_correct: int, tokens: int, wait: float,
-              flops: float = 0.0):
+              flops: float):
         """One micro-batch's values; `flops` its useful training FLOPs (EncoderConfig.useful_flops), for MFU."""
         i = self.names.index(objective)
         self.acc[i] += torch.tensor([loss * num_labels, num_labels, num_correct, 1], dtype=torch.float64)

@@ -229,14 +229,14 @@ class Trainer:
         import dataclasses
 
         cuda = self.device.type == "cuda"
-        if isinstance(batch, torch.Tensor):
-            return (batch.pin_memory() if cuda else batch).to(self.device, non_blocking=cuda)
 
         def move(x):
             if not isinstance(x, torch.Tensor):
                 return x
             return (x.pin_memory() if cuda else x).to(self.device, non_blocking=cuda)
 
+        if isinstance(batch, torch.Tensor):
+            return move(batch)
         return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
 
     def _forward(self, batch, label_positions=None):

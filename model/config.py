@@ -99,13 +99,10 @@ class EncoderConfig:
             raise ValueError(f"flops_per_token: seq_len={seq_len} must be positive")
         if not 0.0 <= labelled_fraction <= 1.0:
             raise ValueError(f"flops_per_token: labelled_fraction={labelled_fraction} must lie in [0, 1]")
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        matmul_params = self.num_layers * (4 * h * h + 3 * h * i)
-        attention = 12 * self.num_layers * seq_len * h
-        head = 6 * (h * h + h * v) * labelled_fraction
-        return 6.0 * matmul_params + attention + head
+        # One token meets seq_len keys (the full square) and carries labelled_fraction of a label.
+        return self.useful_flops(tokens=1, visible_pairs=seq_len, num_labels=labelled_fraction)
 
-    def useful_flops(self, tokens: int, visible_pairs: int, num_labels: int) -> float:
+    def useful_flops(self, tokens: float, visible_pairs: float, num_labels: float) -> float:
         """Training FLOPs (forward + backward) of one micro-batch that do useful work, for MFU on useful FLOPs.
 
         tokens x 6 x (encoder matmul weights), plus 12 x num_layers x hidden_size per (query, key) pair that the
