@@ -9,7 +9,9 @@
 `reference` trains CURVE_STEPS steps of a small encoder on one CPU rank in fp32 and records the per-step loss of
 every micro-batch (rank 0's metrics.jsonl). `compare` trains the same run (same data, seed, init, objective mix
 and masks: all are functions of the seed and the step) on the GPU, once in fp32 and once in bf16, and prints, per
-precision, the largest per-step loss difference from the reference against the tolerance below.
+precision, the largest per-step loss difference from the reference against the tolerance below. A third run is
+the optimised path in bf16 (LEVERS: FlexAttention, compiled layers, the fused head loss), held to the bf16
+tolerance.
 
 Tolerances (absolute, in nats of the per-micro-batch loss, over the first CURVE_STEPS steps):
 - fp32 on the GPU: FP32_TOL. Both sides compute in fp32; only the summation order of the kernels differs
@@ -55,11 +57,16 @@ def prepare(data: Path) -> None:
                     "--shard-bytes", "400000"], cwd=ROOT, check=True)
 
 
-def train_curve(data: Path, precision: str, device_env: dict[str, str]) -> list[dict]:
+LEVERS = ["train.attention_backend=flex", "train.compile=true", "train.head_loss=fused"]
+"""The optimised path (bench/gpu_speed.py's 'cloze+flex+compile+fused' row): compare runs it in bf16 as a third
+row, against the same reference and the bf16 tolerance."""
+
+
+def train_curve(data: Path, precision: str, device_env: dict[str, str], extra: list[str] = ()) -> list[dict]:
     """One single-rank run; returns rank 0's per-step records ({"step", "loss": {objective: value}})."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "launch.train", "--config", "launch/configs/tiny.yaml", f"data.path={data}",
-               f"out_dir={tmp}/run", f"train.precision={precision}", *OVERRIDES]
+               f"out_dir={tmp}/run", f"train.precision={precision}", *OVERRIDES, *extra]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **device_env}
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
@@ -119,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         sys.exit("compare needs a GPU (the reference is the CPU run)")
     rows = []
-    for precision, tol in (("fp32", FP32_TOL), ("bf16", BF16_TOL)):
-        diffs = differences(ref["steps"], train_curve(data, precision, {}))
+    runs = [("fp32", "fp32", [], FP32_TOL), ("bf16", "bf16", [], BF16_TOL),
+            ("bf16, flex + compile + fused head loss", "bf16", LEVERS, BF16_TOL)]
+    for label, precision, extra, tol in runs:
+        diffs = differences(ref["steps"], train_curve(data, precision, {}, extra))
         first10 = max(diffs[:10])
-        rows.append({"precision": precision, "steps": len(diffs), "max_abs_diff": max(diffs),
+        rows.append({"precision": label, "steps": len(diffs), "max_abs_diff": max(diffs),
                      "max_abs_diff_first_10": first10, "tolerance": tol, "ok": max(diffs) <= tol})
     name = torch.cuda.get_device_name(0)
     print(f"| GPU ({name}) vs CPU fp32 reference | steps | max |loss diff| | first 10 steps | tolerance | ok |")

@@ -404,8 +404,10 @@ def run(cfg: SpeedConfig) -> dict:
     return results
 
 
-GPU_VARIANTS = {"cloze": [], "cloze+flex+compile": ["train.attention_backend=flex", "train.compile=true"]}
-"""The cloze rows of a GPU run by default: the shipped defaults, and the two levers that need a GPU to pay."""
+GPU_VARIANTS = {"cloze": [], "cloze+flex+compile+fused": ["train.attention_backend=flex", "train.compile=true",
+                                                          "train.head_loss=fused"]}
+"""The cloze rows of a GPU run by default: the shipped defaults, and every lever that is off by default until a
+GPU has measured it (FlexAttention, compiled layers, the fused head loss with its compiled chunk)."""
 
 
 def parse_variants(specs: list[str], device: str) -> dict[str, list[str]]:
@@ -438,7 +440,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SpeedConfig 
                     help="passed to launch.train after the generated config (repeatable): the lever under test")
     ap.add_argument("--cloze-variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                     help="a cloze row per shape with these launch.train overrides (repeatable; replaces the "
-                         "default variants: on a GPU 'cloze' (defaults) and 'cloze+flex+compile')")
+                         "default variants: on a GPU 'cloze' (defaults) and 'cloze+flex+compile+fused')")
     ap.add_argument("--systems", default="cloze,peer", help="cloze, peer or both (default)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="skip rows that would start after this")
     ap.add_argument("--work", type=Path, help="scratch dir for the cloze runs (default: a temporary dir)")

@@ -115,8 +115,14 @@ class TrainConfig:
     are skipped) or 'auto' (flex on a GPU when a mask is needed, sdpa otherwise). A runtime choice: checkpoints
     and exports are the same whichever kernel trained them."""
     compile: bool = False
-    """torch.compile each encoder layer (fullgraph, static shapes) before training; the first steps pay for the
-    compilation."""
+    """torch.compile each encoder layer (fullgraph, static shapes) before training, and with head_loss='fused'
+    its per-chunk softmax work; the first steps pay for the compilation."""
+    head_loss: str = "plain"
+    """The decoder's cross entropy: 'plain' (the [N, vocab] logits, then F.cross_entropy on their fp32 copy, all
+    kept for backward) or 'fused' (chunked, with the input, weight and bias gradients computed in the forward:
+    the logits are never stored; model/head_loss.py). Same loss and gradients; 'fused' keeps 4 bytes per
+    labelled position x vocab less for backward and moves about a third less memory. Ignored under ZeRO-3 (with
+    a warning), which gathers the decoder's weight only around the decoder module's own forward."""
     max_bad_steps: int = 5
     """Steps in a row with a non-finite loss (each skipped) before the run halts with an error."""
     log_every: int = 10
@@ -301,6 +307,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"train.precision: must be auto, fp32 or bf16, got {t.precision!r}")
     if t.attention_backend not in ("auto", "sdpa", "flex"):
         p.append(f"train.attention_backend: must be auto, sdpa or flex, got {t.attention_backend!r}")
+    if t.head_loss not in ("plain", "fused"):
+        p.append(f"train.head_loss: must be plain or fused, got {t.head_loss!r}")
     if t.zero_stage is not None and t.zero_stage not in (0, 1, 2, 3):
         p.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
     if not Path(t.deepspeed_config).is_file():

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from launch import checkpoint
-from launch.config import ConfigError, RunConfig, config_hash
+from launch.config import ConfigError, RunConfig, config_hash, warn
 from launch.dist import DistEnv
 from launch.metrics import Metrics, fmt_duration
 from launch.optim import build_optimizer, build_scheduler
@@ -79,19 +79,29 @@ class Trainer:
                         f"{tokens_per_step} tokens/step")
 
         torch.manual_seed(t.seed)
-        model = EncoderForPretraining(self.enc_cfg, attn_backend=t.attention_backend)
+        head_loss = t.head_loss
+        if head_loss == "fused" and self.zero_stage == 3:
+            warn("train.head_loss=fused is ignored under ZeRO-3 (it reads the decoder weight outside the decoder's "
+                 "forward, where ZeRO-3 has not gathered it); using plain")
+            head_loss = "plain"
+        model = EncoderForPretraining(self.enc_cfg, attn_backend=t.attention_backend, head_loss=head_loss)
         model.init_weights()
         if t.compile:
             from model.encoder import compile_layers
+            from model.head_loss import compile_chunk
 
             # ZeRO-3 hooks gather each layer's parameters around its forward; a full graph would have to trace them.
             n = compile_layers(model, fullgraph=self.zero_stage != 3)
-            log0(self.rank, f"torch.compile: {n} encoder layers (compiled at their first forward)")
+            if head_loss == "fused":
+                compile_chunk()
+            log0(self.rank, f"torch.compile: {n} encoder layers" + (" and the fused head loss's chunk"
+                                                                     if head_loss == "fused" else "")
+                 + " (compiled at their first forward)")
         n_params = sum(p.numel() for p in model.parameters())
         log0(self.rank, f"model: {n_params / 1e6:.2f}M parameters ({self.enc_cfg.num_layers} layers, "
                         f"hidden {self.enc_cfg.hidden_size}, vocab {tok.vocab_size}); attention backend "
                         f"{t.attention_backend}" + (" (sdpa on this device)" if t.attention_backend == "auto"
-                                                    and not has_gpu else ""))
+                                                    and not has_gpu else "") + f", head loss {head_loss}")
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         # Before initialize: a checkpoint from another world size needs DeepSpeed's universal loading switched on.

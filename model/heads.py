@@ -10,10 +10,8 @@ from torch import nn
 
 from .config import EncoderConfig
 from .encoder import Encoder, layer_norm, trunc_normal_
+from .head_loss import HEAD_LOSSES, IGNORE_INDEX, fused_linear_cross_entropy
 
-IGNORE_INDEX = -100
-"""Label value that carries no loss; the same value as objectives.batch.IGNORE_INDEX (model/ does not import
-objectives/)."""
 
 
 class MLMHead(nn.Module):
@@ -32,8 +30,12 @@ class MLMHead(nn.Module):
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=True)
         self.decoder.weight = embedding.weight
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Everything before the decoder: dense -> GELU -> LayerNorm."""
+        return self.norm(F.gelu(self.dense(hidden)))
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.norm(F.gelu(self.dense(hidden))))
+        return self.decoder(self.transform(hidden))
 
 
 @dataclass
@@ -53,13 +55,20 @@ class EncoderForPretraining(nn.Module):
     """Encoder + MLM head. The head runs only on the gathered labelled positions: with 15% masking that skips
     85% of the hidden x vocab decoder matmul, the largest single matmul of a small model.
 
-    attn_backend is passed to the Encoder (see model/attention.py); it is a runtime option, not a shape."""
+    attn_backend is passed to the Encoder (see model/attention.py); head_loss picks how the decoder's cross
+    entropy runs: "plain" (decoder logits, then F.cross_entropy on their fp32 copy) or "fused"
+    (model/head_loss.py: chunked, the logits never stored). Both are runtime options, not shapes: the weights
+    and checkpoints are the same. The fused path reads the decoder's weight without calling the decoder module,
+    so ZeRO-3, which gathers a weight only around its module's forward, must use "plain" (the trainer does so).
+    """
 
-    def __init__(self, cfg: EncoderConfig, attn_backend: str = "sdpa") -> None:
+    def __init__(self, cfg: EncoderConfig, attn_backend: str = "sdpa", head_loss: str = "plain") -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg, attn_backend=attn_backend)
         self.head = MLMHead(cfg, self.encoder.embeddings.tok_embeddings)
+        self.head_loss = "plain"
+        self.set_head_loss(head_loss)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -89,6 +98,12 @@ class EncoderForPretraining(nn.Module):
         """Switch the encoder's attention kernel ("auto", "sdpa", "flex"); ValueError for any other name."""
         self.encoder.set_attention_backend(name)
 
+    def set_head_loss(self, name: str) -> None:
+        """Switch the decoder's loss ("plain", "fused"); ValueError for any other name."""
+        if name not in HEAD_LOSSES:
+            raise ValueError(f"head_loss must be one of {', '.join(HEAD_LOSSES)}, got {name!r}")
+        self.head_loss = name
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -111,13 +126,19 @@ class EncoderForPretraining(nn.Module):
         else:
             targets = labels.reshape(-1).index_select(0, label_positions)
             chosen = hidden.reshape(-1, hidden.shape[-1]).index_select(0, label_positions)
-        logits = self.head(chosen)  # [N, vocab]; N may be 0
         # Sum / max(N, 1) instead of a mean: with N == 0 it is an exact 0 that still runs through the head and
         # the gather, so every parameter receives a (zero) gradient and no rank skips a collective in backward.
         num_labels = (targets != IGNORE_INDEX).sum()
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum") / num_labels.clamp(min=1)
-        with torch.no_grad():
-            num_correct = (logits.argmax(dim=-1) == targets).sum()
+        if self.head_loss == "fused":
+            decoder = self.head.decoder
+            loss_sum, num_correct = fused_linear_cross_entropy(self.head.transform(chosen), decoder.weight,
+                                                               decoder.bias, targets)
+        else:
+            logits = self.head(chosen)  # [N, vocab]; N may be 0
+            loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+            with torch.no_grad():
+                num_correct = (logits.argmax(dim=-1) == targets).sum()
+        loss = loss_sum / num_labels.clamp(min=1)
         return PretrainOutput(loss=loss, num_labels=num_labels, num_correct=num_correct)
 
     def logits_for(

@@ -160,3 +160,22 @@ def test_a_cloze_variant_row_carries_its_overrides(tiny, tmp_path):
         SpeedConfig(out=None, shapes=[TINY_SHAPES["tiny-bert-64"]], data=None, device="cpu", tiny=True,
                     tokens_per_step=512, steps=1, warmup=0, log_every=1, workers=0, peak_tflops=0, systems=["cloze"],
                     budget_s=1, work=None, variants={"fast": []})
+
+
+def test_head_loss_bench_runs_and_its_rows_agree(tmp_path, capsys):
+    """bench/head_loss.py on tiny CPU sizes: one table, every path's gradients within fp32 rounding of the plain
+    path's, and the fused path keeping less for backward than the plain one (whose log-softmax alone is rows x
+    vocab x 4 bytes)."""
+    from bench.head_loss import main as head_loss_main
+
+    out = tmp_path / "head.json"
+    assert head_loss_main(["--device", "cpu", "--rows", "256", "--hidden", "32", "--vocab", "2000", "--dtype",
+                           "fp32", "--iters", "1", "--no-compile", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("\n| ") == 4  # header, rule, plain, fused
+    rows = {r["path"]: r for r in json.loads(out.read_text())["table"]}
+    assert set(rows) == {"plain", "fused"}
+    assert rows["plain"]["ratio"] == 1.0 and rows["fused"]["ratio"] > 0
+    assert rows["fused"]["max_grad_diff"] < 1e-5
+    assert abs(rows["fused"]["loss"] - rows["plain"]["loss"]) < 1e-5 * rows["plain"]["loss"]
+    assert rows["plain"]["kept_bytes"] >= 256 * 2000 * 4 > 4 * rows["fused"]["kept_bytes"]

@@ -33,6 +33,7 @@ OVERRIDE_CASES = [
     (["train.compile=yes please"], ["train.compile", "true/false"]),
     (["train.attention_backend=flash"], ["train.attention_backend", "auto, sdpa or flex"]),
     (["train.atention_backend=flex"], ["train.atention_backend", "attention_backend"]),
+    (["train.head_loss=chunked"], ["train.head_loss", "plain or fused"]),
     # ranges
     (["train.max_steps=0"], ["train.max_steps", ">= 1"]),
     (["train.grad_accum=-2"], ["train.grad_accum", ">= 1"]),

@@ -161,21 +161,29 @@ def test_nan_loss_skips_the_step_and_repeated_nans_halt(tiny_data, tmp_path):
     assert "training halted: 2 steps in a row with a non-finite loss (last: step 3)" in proc.stderr
 
 
-def test_compiled_layers_train_like_eager(tiny_data, tmp_path):
-    """train.compile=true (torch.compile of each encoder layer, inductor's CPU backend here) follows the eager run:
-    per-step losses within 1e-4 (fp32; inductor fuses and reorders the elementwise ops, ~1e-6 relative per op,
-    which a few steps of training amplify) over 6 steps."""
+def test_fused_head_loss_and_compiled_layers_train_like_eager(tiny_data, tmp_path):
+    """Against the shipped path (eager layers, plain head loss), fp32, 2 ranks, 6 steps:
+    - train.head_loss=fused: per-step losses within 1e-5 (only the summation order of the head's gradients
+      differs);
+    - train.compile=true with the fused head loss (torch.compile of each encoder layer and of the head loss's
+      chunk, inductor's CPU backend here): within 1e-4 (inductor fuses and reorders the elementwise ops, ~1e-6
+      relative per op, which a few steps of training amplify)."""
     common = ["--config", "launch/configs/tiny.yaml", "--nproc", "2", f"data.path={tiny_data}", "train.max_steps=6",
               "train.log_every=3"]
     run_cli(["launch.train", *common, f"out_dir={tmp_path / 'eager'}"], check=True)
-    proc = run_cli(["launch.train", *common, f"out_dir={tmp_path / 'compiled'}", "train.compile=true"], check=True)
-    assert "torch.compile: 2 encoder layers" in proc.stderr
-    eager, compiled = read_steps(tmp_path / "eager"), read_steps(tmp_path / "compiled")
-    assert [r["step"] for r in compiled] == list(range(1, 7))
-    for a, b in zip(eager, compiled, strict=True):
-        assert a["loss"].keys() == b["loss"].keys()
-        for k in a["loss"]:
-            assert abs(a["loss"][k] - b["loss"][k]) < 1e-4, (a, b)
+    proc = run_cli(["launch.train", *common, f"out_dir={tmp_path / 'fused'}", "train.head_loss=fused"], check=True)
+    assert "head loss fused" in proc.stderr
+    proc = run_cli(["launch.train", *common, f"out_dir={tmp_path / 'compiled'}", "train.compile=true",
+                    "train.head_loss=fused"], check=True)
+    assert "torch.compile: 2 encoder layers and the fused head loss's chunk" in proc.stderr
+    eager = read_steps(tmp_path / "eager")
+    for name, tol in (("fused", 1e-5), ("compiled", 1e-4)):
+        other = read_steps(tmp_path / name)
+        assert [r["step"] for r in other] == list(range(1, 7)), name
+        for a, b in zip(eager, other, strict=True):
+            assert a["loss"].keys() == b["loss"].keys()
+            for k in a["loss"]:
+                assert abs(a["loss"][k] - b["loss"][k]) < tol, (name, a, b)
 
 
 @pytest.mark.parametrize("stage", [0, 2])

@@ -1,4 +1,5 @@
-"""ZeRO stages 1 and 3 (stage 2 is tests/test_train.py's): each trains (loss falls) and resumes bit-exactly."""
+"""ZeRO stages 1 and 3 (stage 2 is tests/test_train.py's): each trains (loss falls) and resumes bit-exactly.
+Both runs ask for train.head_loss=fused: stage 1 trains with it; stage 3 must say it ignores it."""
 
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ def steps_of(out):
 def test_zero_stage_trains_and_resumes_exactly(stage, tiny_data, tmp_path):
     common = ["launch.train", "--config", "launch/configs/tiny.yaml", "--nproc", "2", f"data.path={tiny_data}",
               f"train.zero_stage={stage}", "train.max_steps=16", "train.log_every=4",
-              "objectives.mix={mlm: 1.0}"]
+              "objectives.mix={mlm: 1.0}", "train.head_loss=fused"]
     full = run_cli([*common, f"out_dir={tmp_path / 'full'}"], check=True)
     assert f"ZeRO stage {stage}" in full.stderr
+    ignored = "warning: train.head_loss=fused is ignored under ZeRO-3"
+    assert (ignored in full.stderr) == (stage == 3)
+    assert f"head loss {'plain' if stage == 3 else 'fused'}" in full.stderr
     run_cli([*common, f"out_dir={tmp_path / 'cut'}", "train.stop_at=8"], check=True)
     resumed = run_cli([*common, f"out_dir={tmp_path / 'cut'}"], check=True)
     assert "resumed from" in resumed.stderr
