@@ -244,6 +244,21 @@ the clipping norm (2 + 2 + 4 + 4); AdamW reads fp32 grad, master, m, v and write
 bf16 weights are refreshed from the master (4 + 2)."""
 
 
+def activation_bytes_per_token(hidden: int, intermediate: int, layers: int, vocab: int, labelled: float,
+                               head_loss: str = "plain") -> float:
+    """Bytes autograd keeps for backward per token, bf16, for cloze's encoder and ModernBERT's (same layout).
+
+    Per layer 22 h + 8 i: the two norms' inputs, the Wqkv input and its q/k/v output (RoPE keeps nothing: its
+    products are with cos and sin, which need no gradient), the attention output and the Wo input, the GeGLU
+    projection (4 i) and its GELU output and product (4 i). The head keeps 8 h per labelled token (its dense,
+    GELU and norm inputs, and the decoder input or, fused, its gradient); the plain loss adds the fp32
+    log-softmax of the labelled logits (4 x vocab per labelled token). The fused loss's fp32 weight gradient is
+    per step, not per token, and is left out. Checked against a count with saved_tensors_hooks in
+    tests/test_model_flops.py."""
+    head = labelled * (8 * hidden + (4 * vocab if head_loss == "plain" else 0))
+    return layers * (22 * hidden + 8 * intermediate) + head
+
+
 def accounting(vocab: int = 32768) -> str:
     """The FLOP and byte table of bench/SPEED.md, from the shapes (no GPU; peers built on the meta device)."""
     from bench.gpu_speed import FULL_SHAPES, MIX
@@ -270,8 +285,7 @@ def accounting(vocab: int = 32768) -> str:
                 enc = EncoderConfig(vocab_size=vocab, hidden_size=h, num_layers=L, num_heads=s.heads,
                                     intermediate_size=inter)
                 matmul, params = 6.0 * L * (4 * h * h + 3 * h * inter), enc.num_params(include_head=True)
-                # per layer: norms, Wqkv in/out, RoPE's fp32 halves, SDPA out, Wo in (~30 h); GeGLU in/out (~8 i)
-                act = L * (30 * h + 8 * inter) + 6 * vocab * frac
+                act = activation_bytes_per_token(h, inter, L, vocab, frac)
                 if system == "modernbert":
                     with torch.device("meta"):
                         params = sum(p.numel() for p in build_peer(system, s, vocab, specials).parameters())
