@@ -13,7 +13,6 @@ from .encoder import Encoder, layer_norm, trunc_normal_
 from .head_loss import HEAD_LOSSES, IGNORE_INDEX, fused_linear_cross_entropy
 
 
-
 class MLMHead(nn.Module):
     """ModernBertPredictionHead + decoder: dense (no bias) -> exact GELU -> LayerNorm (no bias) -> decoder.
 
