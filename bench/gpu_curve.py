@@ -35,6 +35,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.gpu_speed import LEVERS  # the optimised path: compare runs it in bf16 as a third row
+
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "bench" / "curve_reference.json"
 CURVE_STEPS = 60
@@ -55,11 +57,6 @@ def prepare(data: Path) -> None:
     inputs = [arg for p in corpus_files() for arg in ("--input", f"{p}/**/*.py")]
     subprocess.run([sys.executable, "-m", "launch.prepare", *inputs, "--out", str(data), "--vocab-size", "2000",
                     "--shard-bytes", "400000"], cwd=ROOT, check=True)
-
-
-LEVERS = ["train.attention_backend=flex", "train.compile=true", "train.head_loss=fused"]
-"""The optimised path (bench/gpu_speed.py's 'cloze+flex+compile+fused' row): compare runs it in bf16 as a third
-row, against the same reference and the bf16 tolerance."""
 
 
 def train_curve(data: Path, precision: str, device_env: dict[str, str], extra: list[str] = ()) -> list[dict]:

@@ -404,10 +404,11 @@ def run(cfg: SpeedConfig) -> dict:
     return results
 
 
-GPU_VARIANTS = {"cloze": [], "cloze+flex+compile+fused": ["train.attention_backend=flex", "train.compile=true",
-                                                          "train.head_loss=fused"]}
-"""The cloze rows of a GPU run by default: the shipped defaults, and every lever that is off by default until a
-GPU has measured it (FlexAttention, compiled layers, the fused head loss with its compiled chunk)."""
+LEVERS = ["train.attention_backend=flex", "train.compile=true", "train.head_loss=fused"]
+"""Every lever that is off by default until a GPU has measured it: FlexAttention, compiled layers, the fused head
+loss with its compiled chunk (bench/gpu_curve.py checks the same set against the CPU fp32 curve)."""
+GPU_VARIANTS = {"cloze": [], "cloze+flex+compile+fused": LEVERS}
+"""The cloze rows of a GPU run by default: the shipped defaults, and the levers."""
 
 
 def parse_variants(specs: list[str], device: str) -> dict[str, list[str]]:

@@ -275,7 +275,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def validate(cfg: RunConfig) -> list[str]:
     """Every check that needs only the config and the code (not the data or the world size)."""
+    from model.attention import ATTENTION_BACKENDS
     from model.config import EncoderConfig
+    from model.head_loss import HEAD_LOSSES
     from objectives import OBJECTIVES, build_objective
     from objectives.mixer import Mixer
 
@@ -305,10 +307,9 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"train.betas: each must lie in [0, 1), got {list(t.betas)}")
     if t.precision not in ("auto", "fp32", "bf16"):
         p.append(f"train.precision: must be auto, fp32 or bf16, got {t.precision!r}")
-    if t.attention_backend not in ("auto", "sdpa", "flex"):
-        p.append(f"train.attention_backend: must be auto, sdpa or flex, got {t.attention_backend!r}")
-    if t.head_loss not in ("plain", "fused"):
-        p.append(f"train.head_loss: must be plain or fused, got {t.head_loss!r}")
+    for key, allowed in (("attention_backend", ATTENTION_BACKENDS), ("head_loss", HEAD_LOSSES)):
+        if getattr(t, key) not in allowed:
+            p.append(f"train.{key}: must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {getattr(t, key)!r}")
     if t.zero_stage is not None and t.zero_stage not in (0, 1, 2, 3):
         p.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
     if not Path(t.deepspeed_config).is_file():

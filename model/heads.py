@@ -66,7 +66,6 @@ class EncoderForPretraining(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg, attn_backend=attn_backend)
         self.head = MLMHead(cfg, self.encoder.embeddings.tok_embeddings)
-        self.head_loss = "plain"
         self.set_head_loss(head_loss)
         self.init_weights()
 

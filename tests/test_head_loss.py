@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench.head_loss import SavedBytes
+from bench.head_loss import plain as _plain
 from model import EncoderConfig, EncoderForPretraining
 from model import head_loss as hl
 from model.head_loss import IGNORE_INDEX, fused_linear_cross_entropy
@@ -30,12 +30,6 @@ def _run(loss_fn, x, w, b, t, scale: float = 1.0):
     loss, correct = loss_fn(x, w, b, t)
     (loss * scale).backward()
     return loss.detach(), int(correct), [p.grad.clone() for p in (x, w, b)]
-
-
-def _plain(x, w, b, t):
-    logits = F.linear(x, w, b)
-    return (F.cross_entropy(logits.float(), t, reduction="sum"),
-            ((logits.argmax(-1) == t) & (t != IGNORE_INDEX)).sum())
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 100, 1000])
