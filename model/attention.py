@@ -13,8 +13,10 @@ Backends (the `attn_backend` runtime option of Encoder; not part of EncoderConfi
   CUDA runs a module-level torch.compile(flex_attention), created lazily on first use (the eager version
   materialises the whole score matrix). CPU runs the eager version, forward only: torch 2.13 raises
   NotImplementedError for any CPU backward through flex_attention, so "flex" on CPU with gradients enabled is a
-  ValueError here. Inside a compiled layer (encoder.compile_layers) flex is compiled either way: inductor emits a
-  fused C++ kernel on CPU and a Triton kernel on CUDA.
+  ValueError here. Inside a compiled layer (encoder.compile_layers) flex is compiled with the layer: inductor emits
+  a Triton kernel on CUDA. On CPU, inductor's C++ flex kernel is refused (Encoder.forward): on an AVX2 machine it
+  returned NaN or outputs off by O(1) for every mask kind, in torch 2.11 and 2.13, while the eager CPU flex matched
+  SDPA to 1e-6. Layers compiled with another backend (aot_eager, what the CPU tests use) run flex's own math.
 - "auto": "flex" on CUDA when the batch needs a mask (doc_ids given, or prefix attention) and flex is available
   (torch has flex_attention and triton is installed); "sdpa" otherwise, silently. So "auto" is always "sdpa" on
   CPU, and the unmasked cases stay on SDPA's flash path on GPU.
@@ -272,12 +274,6 @@ class SelfAttention(nn.Module):
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | FlexMask) -> torch.Tensor:
         # Default scale 1/sqrt(head_dim) in both kernels, no dropout: ModernBERT pretrains with attention dropout 0.
         if isinstance(mask, FlexMask):
-            if q.device.type == "cpu":
-                # torch 2.13's compiled CPU flex kernel misreads a value that is a strided view with a storage
-                # offset (v here is a slice of the fused Wqkv output) once q and k are computed buffers: outputs
-                # off by O(1), seen in tests/test_attention_backends.py. A contiguous copy avoids it; CPU flex is
-                # a test path, so the copy costs nothing that matters. The CUDA (Triton) kernel takes strides.
-                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             return _flex_kernel(q.device.type)(q, k, v, block_mask=mask.block_mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal)
 

@@ -143,6 +143,10 @@ class Encoder(nn.Module):
         # Parameters are what make attention's inputs require grad; any() stops at the first trainable one.
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         backend = resolve_attention_backend(self.attn_backend, device, needs_mask, needs_grad)
+        if backend == "flex" and device.type == "cpu" and getattr(self.layers[0], "compiled_with", None) == "inductor":
+            raise ValueError("attn_backend='flex' in layers compiled by inductor cannot run on CPU: torch's compiled "
+                             "CPU flex kernel returned wrong values on an AVX2 machine (model/attention.py); use "
+                             "attn_backend='sdpa' or 'auto' on CPU, where flex brings no speed")
         build = build_block_mask if backend == "flex" else build_attention_mask
         mask = build(attention, batch, seq_len, device, doc_ids, prefix_len)
         rope = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
@@ -152,7 +156,8 @@ class Encoder(nn.Module):
         return self.final_norm(x)
 
 
-def compile_layers(model: nn.Module, fullgraph: bool = True, dynamic: bool | None = False) -> int:
+def compile_layers(model: nn.Module, fullgraph: bool = True, dynamic: bool | None = False,
+                   backend: str = "inductor") -> int:
     """torch.compile every EncoderLayer of `model` in place; returns how many were compiled.
 
     Per-block compilation, as torchtitan does: each block is one graph (attention + MLP + norms fused by
@@ -161,12 +166,14 @@ def compile_layers(model: nn.Module, fullgraph: bool = True, dynamic: bool | Non
     graph except block 0 (its attention norm is Identity). Call it before handing the model to DeepSpeed.
 
     fullgraph=True makes any graph break inside a block an error instead of a silent slowdown. dynamic=False
-    specialises on the (fixed) training shapes; every new (B, T) then costs one recompilation.
+    specialises on the (fixed) training shapes; every new (B, T) then costs one recompilation. `backend` is
+    torch.compile's; each layer records it as `compiled_with` (Encoder.forward refuses inductor's CPU flex kernel).
     """
     layers = [m for m in model.modules() if isinstance(m, EncoderLayer)]
     if not layers:
         raise ValueError(f"compile_layers: {type(model).__name__} holds no EncoderLayer; pass the cloze model "
                          "(Encoder or EncoderForPretraining) before any wrapper")
     for layer in layers:
-        layer.compile(fullgraph=fullgraph, dynamic=dynamic)
+        layer.compile(fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+        layer.compiled_with = backend
     return len(layers)

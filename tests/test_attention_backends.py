@@ -268,12 +268,15 @@ def test_compile_layers_matches_eager_sdpa_with_gradients():
 
 @pytest.mark.slow
 def test_compile_layers_matches_eager_flex_one_graph_for_all_kinds():
+    """Dynamo traces flex inside each block in one graph for every kind, and the traced graph computes what eager
+    does. On CPU the graph runs under aot_eager (flex's own math): inductor's CPU flex kernel is refused there
+    (next test), and inductor's CUDA kernel is compared with eager SDPA in the CUDA test below."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = Encoder(_tiny(), attn_backend="flex").eval()
     compiled = Encoder(_tiny(), attn_backend="flex").eval()
     compiled.load_state_dict(eager.state_dict())
-    compile_layers(compiled)
+    compile_layers(compiled, backend="aot_eager")
     ids = torch.randint(5, 100, (3, 40), generator=torch.Generator().manual_seed(2))
     unique_graphs = torch._dynamo.utils.counters["stats"]
     before, graphs, outputs = unique_graphs["unique_graphs"], [], []
@@ -282,11 +285,23 @@ def test_compile_layers_matches_eager_flex_one_graph_for_all_kinds():
             outputs.append(compiled(ids, **_batch(kind, docs)))
             graphs.append(unique_graphs["unique_graphs"] - before)
         for (kind, docs), got in zip(CASES, outputs):
-            # Inductor's fused C++ kernel vs the eager reference: fp32 reassociation only, ~1e-6 observed.
+            # The traced graph vs the eager reference: the same ops in fp32, ~1e-6 observed.
             torch.testing.assert_close(got, eager(ids, **_batch(kind, docs)), atol=TOL, rtol=0, msg=kind)
     # Every kind shares one mask_mod and one set of tensor shapes: block 0 and the others (norm vs Identity) make
     # two graphs on the first batch, and no later kind adds one.
     assert graphs == [2] * len(CASES)
+
+
+def test_inductor_flex_on_cpu_is_refused():
+    """Inductor's CPU flex kernel returned NaN or O(1) errors on an AVX2 machine (torch 2.11 and 2.13), so a
+    compiled encoder refuses flex on CPU with the fix in the message instead of computing wrong hidden states (the
+    refusal comes before any layer runs: nothing is compiled here)."""
+    model = Encoder(_tiny(), attn_backend="flex").eval()
+    compile_layers(model)
+    ids = torch.randint(5, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    for kind, docs in CASES:
+        with torch.no_grad(), pytest.raises(ValueError, match="compiled by inductor cannot run on CPU.*'sdpa' or"):
+            model(ids, **_batch(kind, docs, batch=2, seq_len=16))
 
 
 @CUDA
