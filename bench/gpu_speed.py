@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bench.gpu_session import wait_or_end_group
 from bench.gpu_speed_peers import PEER_NAMES, Specials, accounting, machine_info, matmul_peak_tflops, run_peer
 from bench.gpu_speed_report import score, table
 
@@ -332,21 +332,23 @@ def run_logged(cmd: list[str], env: dict, log_path: Path, timeout: float) -> tup
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        ended = wait_or_end_group(proc, timeout)
+        rc = proc.returncode if ended else 124
+        if not ended:
             log.write(f"\n[speed] killed after {timeout:.0f} s\n")
-            rc = 124
     return rc, log_path.read_text(errors="replace")
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
+def row_order(cfg: SpeedConfig) -> list[tuple[Shape, str]]:
+    """The rows in the order they run: for every shape its first cloze variant and its peer (the issue's
+    comparison), then every shape's other variants. A budget that runs out costs lever rows before it costs a
+    shape's comparison. The table groups the rows by shape again."""
+    cloze = list(cfg.variants) if "cloze" in cfg.systems else []
+    peer = ["peer"] if "peer" in cfg.systems else []
+    return [(s, x) for s in cfg.shapes for x in cloze[:1] + peer] + [(s, x) for s in cfg.shapes for x in cloze[1:]]
+
+
 def run_row(cfg: SpeedConfig, shape: Shape, system: str, tok, peak_tflops: float, timeout: float) -> dict:
     if system.startswith("cloze"):
         return run_cloze(cfg, shape, tok.vocab_size, peak_tflops, timeout, variant=system)
@@ -370,45 +372,43 @@ def run(cfg: SpeedConfig) -> dict:
     results["matmul_peak"] = peak
     print(f"[speed] matmul peak {measured}", file=sys.stderr, flush=True)
     cfg.work.mkdir(parents=True, exist_ok=True)
-    for shape in cfg.shapes:
-        systems = [*(cfg.variants if "cloze" in cfg.systems else []), *(["peer"] if "peer" in cfg.systems else [])]
-        for system in systems:
-            label = system if system.startswith("cloze") else PEER_NAMES[shape.peer]
-            row = {"system": label, "shape": shape.name, "seq_len": shape.seq_len,
-                   "tokens_per_step": cfg.tokens_per_step, "precision": cfg.precision}
-            elapsed = time.perf_counter() - t_start
-            if elapsed > cfg.budget_s:
-                row["error"] = f"skipped: {elapsed:.0f} s spent of --budget-s {cfg.budget_s:.0f}"
-            else:
-                print(f"[speed] {label} {shape.name} ...", file=sys.stderr, flush=True)
-                try:
-                    row.update(run_row(cfg, shape, system, tok, peak["used_tflops"], cfg.budget_s - elapsed + 60))
-                except Exception as e:  # one broken row must not cost the rows after it (one device call each)
-                    import traceback
+    for shape, system in row_order(cfg):
+        label = system if system.startswith("cloze") else PEER_NAMES[shape.peer]
+        row = {"system": label, "shape": shape.name, "seq_len": shape.seq_len,
+               "tokens_per_step": cfg.tokens_per_step, "precision": cfg.precision}
+        elapsed = time.perf_counter() - t_start
+        if elapsed > cfg.budget_s:
+            row["error"] = f"skipped: {elapsed:.0f} s spent of --budget-s {cfg.budget_s:.0f}"
+        else:
+            print(f"[speed] {label} {shape.name} ...", file=sys.stderr, flush=True)
+            try:
+                row.update(run_row(cfg, shape, system, tok, peak["used_tflops"], cfg.budget_s - elapsed + 60))
+            except Exception as e:  # one broken row must not cost the rows after it (one device call each)
+                import traceback
 
-                    trace = traceback.format_exc().strip().splitlines()
-                    print("\n".join(trace[-20:]), file=sys.stderr, flush=True)
-                    row.update(error=f"{type(e).__name__}: {e}"[:500], log_tail=trace[-40:])
-            if row.get("useful_tflops"):  # cloze: the trainer's own count of useful FLOPs
-                row["mfu"] = row["useful_tflops"] / peak["used_tflops"]
-            elif row.get("tokens_per_s"):  # peers: whole rows, every pair useful; the head counted on labels only
-                row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / (peak["used_tflops"] * 1e12)
-                print(f"[speed] {label} {shape.name}: {row['tokens_per_s'] / 1e3:.1f}k tokens/s, "
-                      f"MFU {100 * row['mfu']:.1f}%", file=sys.stderr, flush=True)
-            results["rows"].append(row)
-            score(results["rows"], cfg.shapes)
-            results["wall_s"] = round(time.perf_counter() - t_start, 1)
-            if cfg.out:
-                cfg.out.parent.mkdir(parents=True, exist_ok=True)
-                cfg.out.write_text(json.dumps(results, indent=1, default=str))
+                trace = traceback.format_exc().strip().splitlines()
+                print("\n".join(trace[-20:]), file=sys.stderr, flush=True)
+                row.update(error=f"{type(e).__name__}: {e}"[:500], log_tail=trace[-40:])
+        if row.get("useful_tflops"):  # cloze: the trainer's own count of useful FLOPs
+            row["mfu"] = row["useful_tflops"] / peak["used_tflops"]
+        elif row.get("tokens_per_s"):  # peers: whole rows, every pair useful; the head counted on labels only
+            row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / (peak["used_tflops"] * 1e12)
+            print(f"[speed] {label} {shape.name}: {row['tokens_per_s'] / 1e3:.1f}k tokens/s, "
+                  f"MFU {100 * row['mfu']:.1f}%", file=sys.stderr, flush=True)
+        results["rows"].append(row)
+        score(results["rows"], cfg.shapes)
+        results["wall_s"] = round(time.perf_counter() - t_start, 1)
+        if cfg.out:
+            cfg.out.parent.mkdir(parents=True, exist_ok=True)
+            cfg.out.write_text(json.dumps(results, indent=1, default=str))
     return results
 
 
 LEVERS = ["train.attention_backend=flex", "train.compile=true", "train.head_loss=fused"]
 """Every lever that is off by default until a GPU has measured it: FlexAttention, compiled layers, the fused head
 loss with its compiled chunk (bench/gpu_curve.py checks the same set against the CPU fp32 curve)."""
-GPU_VARIANTS = {"cloze": [], "cloze+flex+compile+fused": LEVERS}
-"""The cloze rows of a GPU run by default: the shipped defaults, and the levers."""
+GPU_VARIANTS = {"cloze+flex+compile+fused": LEVERS, "cloze": []}
+"""The cloze rows of a GPU run by default: the levers (run first, beside the peer) and the shipped defaults."""
 
 
 def parse_variants(specs: list[str], device: str) -> dict[str, list[str]]:

@@ -44,7 +44,9 @@ def target_text(shape: Shape) -> str:
 def table(results: dict, shapes: dict[str, Shape]) -> str:
     lines = ["| system | shape | tokens/s | MFU | peak memory | vs peer | target | met |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results["rows"]:
+    order = list(shapes)
+    # grouped by shape, cloze rows first: the run order (bench.gpu_speed.row_order) puts the levers last
+    for r in sorted(results["rows"], key=lambda r: (order.index(r["shape"]), not is_cloze(r))):
         s = shapes[r["shape"]]
         if r.get("tokens_per_s") is None:
             why = r.get("error", "?")

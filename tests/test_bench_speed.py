@@ -9,8 +9,18 @@ import math
 import pytest
 import torch
 
-from bench.gpu_speed import FULL_SHAPES, MIX, TINY_SHAPES, SpeedConfig, first_step_with_every_objective, main
+from bench.gpu_speed import (
+    FULL_SHAPES,
+    GPU_VARIANTS,
+    MIX,
+    TINY_SHAPES,
+    SpeedConfig,
+    first_step_with_every_objective,
+    main,
+    row_order,
+)
 from bench.gpu_speed_peers import PEER_NAMES, Specials, bert_flops_per_token, masked_batch, peer_flops_per_token
+from bench.gpu_speed_report import table
 from model.config import EncoderConfig
 from tests.conftest import run_cli
 
@@ -134,6 +144,26 @@ def test_flop_counts():
     mb = FULL_SHAPES["modernbert-1024"]
     enc = EncoderConfig(vocab_size=32768, hidden_size=768, num_layers=22, num_heads=12, intermediate_size=1152)
     assert peer_flops_per_token("modernbert", mb, 32768, 0.15) == enc.flops_per_token(1024, 0.15)
+
+
+def test_each_shapes_comparison_runs_before_any_other_lever_row_and_the_table_groups_by_shape():
+    """A budget that runs out skips lever rows before a shape's first variant and peer (one device call)."""
+    shapes = list(FULL_SHAPES.values())
+    cfg = SpeedConfig(out=None, shapes=shapes, data=None, device="cpu", tiny=False, tokens_per_step=65536, steps=1,
+                      warmup=0, log_every=1, workers=0, peak_tflops=0, systems=["cloze", "peer"], budget_s=1,
+                      work=None, variants=dict(GPU_VARIANTS))
+    first, second = GPU_VARIANTS
+    order = [(shape.name, system) for shape, system in row_order(cfg)]
+    assert order == [(s.name, x) for s in shapes for x in (first, "peer")] + [(s.name, second) for s in shapes]
+    assert row_order(SpeedConfig(**{**cfg.__dict__, "systems": ["peer"]})) == [(s, "peer") for s in shapes]
+    rows = [{"system": x if x.startswith("cloze") else PEER_NAMES[FULL_SHAPES[n].peer], "shape": n,
+             "error": "skipped: test"} for n, x in order]
+    printed = table({"rows": rows, "matmul_peak": {"used_tflops": 1, "source": "x", "dtype": "bf16", "n": 1,
+                                                    "measured_tflops": 1},
+                     "machine": {"device_name": "d", "torch": "t", "transformers": "t"}}, FULL_SHAPES)
+    lines = [ln.split(" | ")[:2] for ln in printed.splitlines()[2:] if ln.startswith("| ")]
+    assert lines == [[f"| {x if x.startswith('cloze') else PEER_NAMES[s.peer]}", s.name]
+                     for s in shapes for x in (first, second, "peer")]
 
 
 def test_user_mistakes_are_one_line_errors(capsys):
