@@ -122,12 +122,15 @@ def _fault(point: str, step: int) -> None:
 
 
 def _write_error(e: BaseException) -> bool:
-    """True for failures of the storage (torch.save reports a full disk as a RuntimeError from its C++ writer)."""
+    """True for failures of the storage. torch.save reports a full disk as a RuntimeError from its C++ writer,
+    worded by where the write failed: "unexpected pos" (inside a record) or "basic_ios::clear: iostream error" (at
+    the end of the file, seen when the disk filled on the second of two ranks); tests/test_faults_disk.py makes
+    both on /dev/full."""
     if isinstance(e, OSError):
         return True
     text = str(e).lower()
     return isinstance(e, RuntimeError) and any(k in text for k in ("write failed", "no space", "file write",
-                                                                   "unexpected pos"))
+                                                                   "unexpected pos", "iostream error"))
 
 
 def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, tokenizer_dir: Path, keep: int) -> str:

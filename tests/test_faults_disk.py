@@ -7,13 +7,15 @@ room again the run resumes from it and finishes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from launch.checkpoint import read_latest
+from launch.checkpoint import _write_error, read_latest
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.distributed
@@ -62,3 +64,18 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous(tiny_d
     assert "ignoring incomplete checkpoint(s) step_00000020" in proc.stderr
     assert read_latest(small_disk) == "step_00000020"
     assert json.loads(Path(out / "summary.json").read_text())["steps"] == 20
+
+
+@pytest.mark.parametrize("numel", [1, 100_000])
+def test_a_full_disk_is_a_write_error_in_each_of_torchs_wordings(numel):
+    """/dev/full fails every write with ENOSPC. torch.save words that "basic_ios::clear: iostream error" for a tiny
+    payload (the write failed at the end of the file) and "unexpected pos" for a larger one. Both are the disk's
+    fault, one error line and exit 2. The first wording once reached a user as a traceback: rank 1 of the test
+    above hit the full disk at the end of its file while rank 0 hit it inside a record."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    with pytest.raises(RuntimeError) as info:
+        torch.save({"w": torch.zeros(numel)}, "/dev/full")
+    assert _write_error(info.value), str(info.value)
+    assert not _write_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not _write_error(ValueError("bad config"))
