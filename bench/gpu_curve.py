@@ -5,6 +5,8 @@
     .venv/bin/python -m bench.gpu_curve reference --data runs/curve/data
     # on the GPU machine (carry runs/curve/data):
     python -m bench.gpu_curve compare --data runs/curve/data --out curve.json
+    # here again, whenever the model or the trainer changes: does the committed reference still hold?
+    .venv/bin/python -m bench.gpu_curve compare --device cpu --data runs/curve/data
 
 `reference` trains CURVE_STEPS steps of a small encoder on one CPU rank in fp32 and records the per-step loss of
 every micro-batch (rank 0's metrics.jsonl). `compare` trains the same run (same data, seed, init, objective mix
@@ -69,7 +71,8 @@ def train_curve(data: Path, precision: str, device_env: dict[str, str], extra: l
             env.pop(key, None)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode:
-            sys.exit(f"training ({precision}) failed with exit code {proc.returncode}:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"training ({precision} {' '.join(extra)}) failed with exit code {proc.returncode}:\n"
+                               f"{proc.stderr[-4000:]}")
         lines = Path(tmp, "run", "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r and isinstance(r["loss"], dict)]
 
@@ -99,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "runs" / "curve" / "data")
     ap.add_argument("--reference", type=Path, default=REFERENCE)
     ap.add_argument("--out", type=Path, help="compare: write the comparison as JSON here")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="compare: cuda (the check), or cpu: the fp32 row alone, which shows that the committed "
+                         "reference still matches the code (tests/test_bench_curve.py)")
     args = ap.parse_args(argv)
     data = args.data.resolve()
     if args.mode == "prepare":
@@ -108,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"{data}: no prepared data; run `python -m bench.gpu_curve prepare --data {data}` (on the CPU "
                  f"machine, then carry the folder)")
     if args.mode == "reference":
-        curve = train_curve(data, "fp32", {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"})
+        try:
+            curve = train_curve(data, "fp32", {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"})
+        except RuntimeError as e:
+            sys.exit(str(e))
         args.reference.write_text(json.dumps({"data_manifest_sha256": data_fingerprint(data),
                                               "overrides": OVERRIDES, "device": "CPU fp32, 1 rank",
                                               "steps": curve}, indent=0) + "\n")
@@ -120,24 +129,34 @@ def main(argv: list[str] | None = None) -> int:
                  f"`prepare` wrote, or record the reference again")
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("compare needs a GPU (the reference is the CPU run)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("compare needs a GPU (the reference is the CPU run); --device cpu checks the reference itself")
     rows = []
     runs = [("fp32", "fp32", [], FP32_TOL), ("bf16", "bf16", [], BF16_TOL),
             ("bf16, flex + compile + fused head loss", "bf16", LEVERS, BF16_TOL)]
+    if args.device == "cpu":
+        # The same code and data on a CPU: the reference's own run again, off only by this CPU's kernels.
+        runs, device_env, name = runs[:1], {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}, "cpu"
+    else:
+        device_env, name = {}, torch.cuda.get_device_name(0)
+    print(f"| {name} vs CPU fp32 reference | steps | max |loss diff| | first 10 steps | tolerance | ok |")
+    print("| --- | --- | --- | --- | --- | --- |", flush=True)
+    # Each row is printed and saved as soon as it is measured: a run ended at a deadline keeps the rows before.
     for label, precision, extra, tol in runs:
-        diffs = differences(ref["steps"], train_curve(data, precision, {}, extra))
-        first10 = max(diffs[:10])
-        rows.append({"precision": label, "steps": len(diffs), "max_abs_diff": max(diffs),
-                     "max_abs_diff_first_10": first10, "tolerance": tol, "ok": max(diffs) <= tol})
-    name = torch.cuda.get_device_name(0)
-    print(f"| GPU ({name}) vs CPU fp32 reference | steps | max |loss diff| | first 10 steps | tolerance | ok |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['precision']} | {r['steps']} | {r['max_abs_diff']:.2e} | {r['max_abs_diff_first_10']:.2e} | "
-              f"{r['tolerance']:.0e} | {'yes' if r['ok'] else 'NO'} |")
-    if args.out:
-        args.out.write_text(json.dumps({"device": name, "rows": rows}, indent=1) + "\n")
+        try:
+            diffs = differences(ref["steps"], train_curve(data, precision, device_env, extra))
+        except RuntimeError as e:  # the next rows still run: each is another path to check
+            print(e, file=sys.stderr, flush=True)
+            rows.append({"precision": label, "error": str(e)[-2000:], "tolerance": tol, "ok": False})
+            print(f"| {label} | failed: {str(e).splitlines()[0][:100]} | | | {tol:.0e} | NO |", flush=True)
+        else:
+            r = {"precision": label, "steps": len(diffs), "max_abs_diff": max(diffs),
+                 "max_abs_diff_first_10": max(diffs[:10]), "tolerance": tol, "ok": max(diffs) <= tol}
+            rows.append(r)
+            print(f"| {r['precision']} | {r['steps']} | {r['max_abs_diff']:.2e} | {r['max_abs_diff_first_10']:.2e} "
+                  f"| {r['tolerance']:.0e} | {'yes' if r['ok'] else 'NO'} |", flush=True)
+        if args.out:
+            args.out.write_text(json.dumps({"device": name, "rows": rows}, indent=1) + "\n")
     return 0 if all(r["ok"] for r in rows) else 1
 
 
