@@ -180,8 +180,7 @@ def run_step(step: Step, deadline_s: float, log) -> None:
     step.result = {"exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1), "killed": killed,
                    "deadline_s": round(deadline_s), "command": step.argv[:2] + (["<env check>"] if step.name == "env"
                                                                                else step.argv[2:])}
-    step.result["table"] = [ln for ln in lines if ln.startswith("|") or ln.startswith("head loss,")
-                            or ln.startswith("MFU against")]
+    step.result["table"] = [ln for ln in lines if ln.startswith(("|", "head loss,", "MFU against", "env: "))]
     if step.name == "env":
         step.result["output"] = lines
     if step.result["exit"] != 0:
