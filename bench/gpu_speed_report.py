@@ -45,7 +45,7 @@ def table(results: dict, shapes: dict[str, Shape]) -> str:
     lines = ["| system | shape | tokens/s | MFU | peak memory | vs peer | target | met |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     order = list(shapes)
-    # grouped by shape, cloze rows first: the run order (bench.gpu_speed.row_order) puts the levers last
+    # grouped by shape, cloze rows first: the run order (bench.gpu_speed.row_order) puts later variants last
     for r in sorted(results["rows"], key=lambda r: (order.index(r["shape"]), not is_cloze(r))):
         s = shapes[r["shape"]]
         if r.get("tokens_per_s") is None:
