@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="compare: cuda (the check), or cpu: the fp32 row alone, which shows that the committed "
                          "reference still matches the code (tests/test_bench_curve.py)")
+    ap.add_argument("--steps", type=int, default=CURVE_STEPS,
+                    help=f"compare: only the first N of the {CURVE_STEPS} steps (train.stop_at: the schedule and "
+                         "every step before N are the reference run's own)")
     args = ap.parse_args(argv)
     data = args.data.resolve()
     if args.mode == "prepare":
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("compare needs a GPU (the reference is the CPU run); --device cpu checks the reference itself")
+    if not 1 <= args.steps <= CURVE_STEPS:
+        sys.exit(f"--steps {args.steps}: choose 1 to {CURVE_STEPS}")
     rows = []
     runs = [("fp32", "fp32", [], FP32_TOL), ("bf16", "bf16", [], BF16_TOL),
             ("bf16, flex + compile + fused head loss", "bf16", LEVERS, BF16_TOL)]
@@ -144,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     # Each row is printed and saved as soon as it is measured: a run ended at a deadline keeps the rows before.
     for label, precision, extra, tol in runs:
         try:
-            diffs = differences(ref["steps"], train_curve(data, precision, device_env, extra))
+            stop = [f"train.stop_at={args.steps}"] if args.steps < CURVE_STEPS else []
+            diffs = differences(ref["steps"], train_curve(data, precision, device_env, [*extra, *stop]))
         except RuntimeError as e:  # the next rows still run: each is another path to check
             print(e, file=sys.stderr, flush=True)
             rows.append({"precision": label, "error": str(e)[-2000:], "tolerance": tol, "ok": False})
