@@ -15,8 +15,9 @@ Backends (the `attn_backend` runtime option of Encoder; not part of EncoderConfi
   NotImplementedError for any CPU backward through flex_attention, so "flex" on CPU with gradients enabled is a
   ValueError here. Inside a compiled layer (encoder.compile_layers) flex is compiled with the layer: inductor emits
   a Triton kernel on CUDA. On CPU, inductor's C++ flex kernel is refused (Encoder.forward): on an AVX2 machine it
-  returned NaN or outputs off by O(1) for every mask kind, in torch 2.11 and 2.13, while the eager CPU flex matched
-  SDPA to 1e-6. Layers compiled with another backend (aot_eager, what the CPU tests use) run flex's own math.
+  returned NaN when compiled alone (torch 2.13; errors of 0.3-1.8 in 2.11) and, inside compiled layers, outputs off
+  by 0.7-4.4 for every masked kind, while the eager CPU flex matched SDPA to 2e-6. Layers compiled with another
+  backend (aot_eager, what the CPU tests use) run flex's own math.
 - "auto": "flex" on CUDA when the batch needs a mask (doc_ids given, or prefix attention) and flex is available
   (torch has flex_attention and triton is installed); "sdpa" otherwise, silently. So "auto" is always "sdpa" on
   CPU, and the unmasked cases stay on SDPA's flash path on GPU.

@@ -293,7 +293,7 @@ def test_compile_layers_matches_eager_flex_one_graph_for_all_kinds():
 
 
 def test_inductor_flex_on_cpu_is_refused():
-    """Inductor's CPU flex kernel returned NaN or O(1) errors on an AVX2 machine (torch 2.11 and 2.13), so a
+    """Inductor's CPU flex kernel returned NaN or errors of 0.3-4.4 on an AVX2 machine (torch 2.11 and 2.13), so a
     compiled encoder refuses flex on CPU with the fix in the message instead of computing wrong hidden states (the
     refusal comes before any layer runs: nothing is compiled here)."""
     model = Encoder(_tiny(), attn_backend="flex").eval()
