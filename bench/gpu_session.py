@@ -209,10 +209,11 @@ def run(args: argparse.Namespace) -> int:
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_s": args.budget_s, "argv": sys.argv}
     with open(out / "session.log", "w") as log:
         meta["install"] = install_wheels(log)
-        device = args.device or ("cuda" if _cuda_visible() else "cpu")
-        meta["device_arg"] = device
+        # Without --device the env step (always first) says whether there is a GPU; the plan follows its answer.
+        device = args.device or "cuda"
         steps = plan(out, args.tiny, device, args.bench_data, args.curve_data, args.budget_s)
-        for i, step in enumerate(steps):
+        for i in range(len(steps)):
+            step = steps[i]
             left = args.budget_s - (time.perf_counter() - t_start) - GRACE_S  # a step ended late still fits
             if step.needs_cuda and device != "cuda":
                 step.result = {"skipped": "needs CUDA", "seconds": 0}
@@ -224,8 +225,13 @@ def run(args: argparse.Namespace) -> int:
                     # gpu_speed skips rows that would start past its own budget and gives a running row 60 s more
                     step.argv += ["--budget-s", f"{max(deadline - 75, 1):.0f}"]
                 run_step(step, deadline, log)
-                if step.name == "env" and step.result["exit"] == 0:
+                if step.name == "env":
                     meta["device"] = _env_cuda(step)
+                    if args.device is None and meta["device"] is None:
+                        device = "cpu"
+                        steps[i + 1:] = plan(out, args.tiny, device, args.bench_data, args.curve_data,
+                                             args.budget_s)[i + 1:]
+                    meta["device_arg"] = device
             meta["wall_s"] = round(time.perf_counter() - t_start, 1)
             write(out, steps, meta)
     failed = [s.name for s in steps if s.result.get("exit") not in (0, None) or s.result.get("killed")]
@@ -249,20 +255,12 @@ def write(out: Path, steps: list[Step], meta: dict) -> None:
     (out / "summary.md").write_text(summary(steps, meta) + "\n")
 
 
-def _cuda_visible() -> bool:
-    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                          capture_output=True, text=True)
-    return proc.stdout.strip() == "True"
-
-
 def _env_cuda(step: Step) -> str | None:
     """The GPU's name from the env step's JSON output (None on CPU)."""
     try:
         line = next(ln for ln in step.result.get("output", []) if ln.startswith("env: "))
         return json.loads(line.removeprefix("env: ")).get("cuda")
-    except StopIteration:
-        return None
-    except json.JSONDecodeError:
+    except (StopIteration, json.JSONDecodeError):
         return None
 
 
