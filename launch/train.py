@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -43,15 +42,22 @@ def main(argv: list[str] | None = None) -> int:
                        expected_labelled_fraction(cfg)))
         return 0
     if args.nproc and "RANK" not in os.environ:
+        from launch import localrun
         from launch.dist import free_port
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        cmd = [sys.executable, "-m", "launch.localrun", "--nnodes", "1", "--nproc_per_node", str(args.nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "launch.train", "--config", args.config, *args.overrides]
+        # torchrun's launcher runs in this process (it has torch imported already; a separate launcher process
+        # would import it again, ~2 s before any rank starts); the ranks are its subprocesses.
+        launcher_args = ["--nnodes", "1", "--nproc_per_node", str(args.nproc), "--master_addr", "127.0.0.1",
+                         "--master_port", str(free_port()), "-m", "launch.train", "--config", args.config,
+                         *args.overrides]
         with tempfile.TemporaryDirectory() as tmp:
             exit_file = os.path.join(tmp, "exit")
-            rc = subprocess.call(cmd, env={**os.environ, "CLOZE_EXIT_FILE": exit_file})
+            os.environ["CLOZE_EXIT_FILE"] = exit_file
+            try:
+                rc = localrun.main(launcher_args)
+            finally:
+                os.environ.pop("CLOZE_EXIT_FILE", None)
             if rc != 0 and os.path.exists(exit_file):
                 codes = [int(x) for x in open(exit_file).read().split()]
                 return max(codes) if codes else rc
