@@ -65,6 +65,11 @@ def worker(args) -> None:
                 for p in engine.module.parameters())
     if int(os.environ["RANK"]) == 0:
         Path(args.result).write_text(json.dumps({"params": params, "optimizer_bytes": optim, "param_bytes": local}))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    from launch.dist import exit_skipping_teardown
+
+    exit_skipping_teardown(0)
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 from launch.cli import run_cli
@@ -72,11 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = run_cli(main)
-    # Everything the run writes is closed by now (checkpoints, summary, metrics, TensorBoard, loader workers). Leave
-    # without the interpreter's teardown: destroying library threads there (gloo's, even after
-    # destroy_process_group) now and then aborts a finished rank with "terminate called without an active
-    # exception", which would turn a complete run into a failed job.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from launch.dist import exit_skipping_teardown
+
+    # everything the run writes (checkpoints, summary, metrics, TensorBoard, loader workers) is closed by now
+    exit_skipping_teardown(run_cli(main))

@@ -277,4 +277,8 @@ def _worker(spec_file: str) -> None:
 if __name__ == "__main__":
     import sys
 
+    from launch.dist import exit_skipping_teardown
+
     _worker(sys.argv[1])
+    torch.distributed.destroy_process_group()
+    exit_skipping_teardown(0)  # as launch.train does: the interpreter's teardown now and then aborts a rank
