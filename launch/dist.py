@@ -8,10 +8,12 @@ after `bootstrap_env()` reads only the torch variables.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -106,3 +108,17 @@ def exit_skipping_teardown(code: int):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+@contextlib.contextmanager
+def env_var(key: str, value: str) -> Iterator[None]:
+    """Set one environment variable for the body, then restore it (or remove it, if it was unset)."""
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old

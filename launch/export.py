@@ -26,6 +26,7 @@ import torch
 
 from launch.checkpoint import TAG_RE, load_run_info, resolve_checkpoint
 from launch.cli import run_cli
+from launch.dist import env_var
 
 if TYPE_CHECKING:
     from model.config import EncoderConfig
@@ -61,17 +62,10 @@ def restricted_torch_load() -> Iterator[None]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    key, old = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ[key] = "1"
-    try:
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]), \
-                contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+    with env_var("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1"), \
+            torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]), \
+            contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def expected_files(zero_stage: int, world_size: int) -> list[str]:

@@ -7,6 +7,7 @@ resumed run therefore needs only the step and the loader position to continue ex
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from launch import checkpoint
 from launch.config import ConfigError, RunConfig, config_hash, warn
-from launch.dist import DistEnv
+from launch.dist import DistEnv, env_var
 from launch.metrics import Metrics, fmt_duration
 from launch.optim import build_optimizer, build_scheduler
 from launch.preempt import Preemption
@@ -44,17 +45,8 @@ def _import_deepspeed_muon_uncompiled() -> None:
     CPUs), paid by every run and every test that launches one. cloze never uses Muon, so its functions may stay
     uncompiled. The switch is the TORCHDYNAMO_DISABLE variable, which dynamo reads only when a function is
     decorated; it is restored at once, so cloze's own torch.compile (train.compile) is untouched."""
-    key, old = "TORCHDYNAMO_DISABLE", os.environ.get("TORCHDYNAMO_DISABLE")
-    os.environ[key] = "1"
-    try:
+    with env_var("TORCHDYNAMO_DISABLE", "1"), contextlib.suppress(ImportError):  # no Muon: nothing to skip
         import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-    except ImportError:  # a DeepSpeed without Muon: nothing to skip
-        pass
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 class Trainer:

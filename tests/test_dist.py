@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from launch.dist import bootstrap_env, expand_hostlist, slurm_port
+import os
+
+import pytest
+
+from launch.dist import bootstrap_env, env_var, expand_hostlist, slurm_port
 
 
 def test_expand_hostlist():
@@ -33,3 +37,14 @@ def test_bare_process_is_a_one_rank_world():
     env: dict[str, str] = {"SLURM_PROCID": "0", "SLURM_JOB_ID": "5"}  # batch shell: no step id -> not a rank
     d = bootstrap_env(env)
     assert (d.rank, d.world_size, d.source) == (0, 1, "single") and d.master_addr == "127.0.0.1"
+
+
+def test_env_var_restores_the_old_value_or_its_absence_even_on_error(monkeypatch):
+    monkeypatch.setenv("CLOZE_T_SET", "old")
+    monkeypatch.delenv("CLOZE_T_UNSET", raising=False)
+    with env_var("CLOZE_T_SET", "new"), env_var("CLOZE_T_UNSET", "1"):
+        assert os.environ["CLOZE_T_SET"] == "new" and os.environ["CLOZE_T_UNSET"] == "1"
+    assert os.environ["CLOZE_T_SET"] == "old" and "CLOZE_T_UNSET" not in os.environ
+    with pytest.raises(RuntimeError), env_var("CLOZE_T_UNSET", "1"):
+        raise RuntimeError("inside")
+    assert "CLOZE_T_UNSET" not in os.environ
