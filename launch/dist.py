@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def bootstrap_env(environ: dict[str, str] | None = None) -> DistEnv:
     )
 
 
-def exit_skipping_teardown(code: int):
+def exit_skipping_teardown(code: int) -> NoReturn:
     """Leave the process now with `code`, without the interpreter's teardown. Call it once everything the process
     writes is closed (and, in a distributed job, after destroy_process_group).
 

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.nproc and "RANK" not in os.environ:
         from launch import localrun
-        from launch.dist import free_port
+        from launch.dist import env_var, free_port
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         # torchrun's launcher runs in this process (it has torch imported already; a separate launcher process
@@ -52,11 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                          *args.overrides]
         with tempfile.TemporaryDirectory() as tmp:
             exit_file = os.path.join(tmp, "exit")
-            os.environ["CLOZE_EXIT_FILE"] = exit_file
-            try:
+            with env_var("CLOZE_EXIT_FILE", exit_file):
                 rc = localrun.main(launcher_args)
-            finally:
-                os.environ.pop("CLOZE_EXIT_FILE", None)
             if rc != 0 and os.path.exists(exit_file):
                 codes = [int(x) for x in open(exit_file).read().split()]
                 return max(codes) if codes else rc
