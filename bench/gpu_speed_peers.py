@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from bench.gpu_speed import Shape
+    from bench.gpu_speed_shapes import Shape
 
 PEER_NAMES = {"bert": "transformers BertForMaskedLM", "modernbert": "transformers ModernBertForMaskedLM"}
 MASK_RATE = 0.15
@@ -261,7 +261,7 @@ def activation_bytes_per_token(hidden: int, intermediate: int, layers: int, voca
 
 def accounting(vocab: int = 32768) -> str:
     """The FLOP and byte table of bench/SPEED.md, from the shapes (no GPU; peers built on the meta device)."""
-    from bench.gpu_speed import FULL_SHAPES, MIX
+    from bench.gpu_speed_shapes import FULL_SHAPES, MIX
     from model.config import EncoderConfig
 
     specials = Specials(pad_id=0, cls_id=2, sep_id=3, mask_id=4, first_ordinary_id=9)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bench.gpu_speed import Shape
+    from bench.gpu_speed_shapes import Shape
 
 MFU_TARGET = 0.5
 """Issue 8: MFU >= 50%, counting useful FLOPs only."""

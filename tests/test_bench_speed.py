@@ -9,18 +9,10 @@ import math
 import pytest
 import torch
 
-from bench.gpu_speed import (
-    FULL_SHAPES,
-    GPU_VARIANTS,
-    MIX,
-    TINY_SHAPES,
-    SpeedConfig,
-    first_step_with_every_objective,
-    main,
-    row_order,
-)
+from bench.gpu_speed import GPU_VARIANTS, first_step_with_every_objective, main, row_order
 from bench.gpu_speed_peers import PEER_NAMES, Specials, bert_flops_per_token, masked_batch, peer_flops_per_token
 from bench.gpu_speed_report import table
+from bench.gpu_speed_shapes import FULL_SHAPES, MIX, TINY_SHAPES, SpeedConfig
 from model.config import EncoderConfig
 from tests.conftest import run_cli
 
