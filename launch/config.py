@@ -217,6 +217,30 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _colon_key_problems(node: Any, prefix: str) -> list[str]:
+    """YAML reads `{mlm:0.8}` (no space after the colon) as the key 'mlm:0.8' with no value; name each one."""
+    if not isinstance(node, dict):
+        return []
+    out = []
+    for key, value in node.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        name, _, rest = key.partition(":") if isinstance(key, str) else ("", "", "")
+        if value is None and name and _is_number(rest):  # a URL key without a weight is not this mistake
+            out.append(f"{prefix or 'top level'}: YAML read {key!r} as one key with no value; put a space after "
+                       f"the colon ({name}: {rest}), e.g. objectives.mix='{{mlm: 0.8, span: 0.2}}'")
+        else:
+            out += _colon_key_problems(value, where)
+    return out
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """`train.max_steps=50 objectives.mix.causal=0.2` -> [(path, yaml-typed value)]."""
     out, bad = [], []
@@ -250,6 +274,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError([f"top level must be a mapping, got {type(raw).__name__}"], source)
     for key, value in parse_overrides(list(overrides)):
         _set_path(raw, key, value)
+    if colon_keys := _colon_key_problems(raw, ""):
+        # Checked before the sections: the unknown-key and mix errors these cause would hide the real mistake.
+        raise ConfigError(colon_keys, source)
 
     problems: list[str] = []
     cfg = RunConfig()

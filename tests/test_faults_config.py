@@ -59,6 +59,8 @@ OVERRIDE_CASES = [
     (["model.hiden_size=32"], ["model.hiden_size", "did you mean 'hidden_size'"]),
     (["model.vocab_size=500"], ["model.vocab_size", "set by the data manifest"]),
     (["objectives.mix={mlm: 1, spam: 1}"], ["spam", "'span'"]),
+    # YAML's flow map needs a space after each colon: {mlm:1} is the key 'mlm:1' with no value
+    (["objectives.mix={mlm:1}"], ["objectives.mix", "'mlm:1'", "space after the colon (mlm: 1)"]),
     # missing paths
     (["train.deepspeed_config=/nonexistent/ds.json"], ["train.deepspeed_config", "file not found"]),
     (["eval.path=/nonexistent/eval"], ["eval.path", "not found"]),
@@ -90,6 +92,7 @@ YAML_CASES = [
     ("- just\n- a list\n", ["top level must be a mapping", "list"]),
     ("train: [1, 2]\n", ["train", "expected a mapping"]),
     ("\tdata: {}\n", ["not valid YAML"]),
+    ("objectives:\n  mix: {mlm:-0.5}\n", ["objectives.mix", "'mlm:-0.5'", "space after the colon"]),
 ]
 
 
