@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_data_helpers import web_and_code
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # A slice of the interpreter's own stdlib: real text (code, docstrings, comments), present on every machine.
@@ -42,3 +44,22 @@ def tiny_data(tmp_path_factory) -> Path:
     run_cli(["launch.prepare", *inputs, "--out", str(out),
              "--vocab-size", "1000", "--shard-bytes", "200000"], check=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def web_and_code_sources(tmp_path_factory):
+    """The two mixing sources of tests/test_data_helpers.web_and_code, written once per test module (module scope,
+    so a module that damages its shards cannot reach another's)."""
+    return web_and_code(tmp_path_factory.mktemp("web_and_code"))
+
+
+@pytest.fixture(scope="module")
+def web(web_and_code_sources):
+    """'web': (root, docs, dataset_dir result)."""
+    return web_and_code_sources[0]
+
+
+@pytest.fixture(scope="module")
+def code(web_and_code_sources):
+    """'code': (root, docs, dataset_dir result)."""
+    return web_and_code_sources[1]

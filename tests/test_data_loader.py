@@ -14,24 +14,10 @@ import pytest
 import torch
 
 from data.loader import BadDataError, Loader, LoaderConfig, build_loader
-from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_order, shard_documents, web_and_code
+from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_order, shard_documents
 
 SEQ, BATCH = 40, 2
 
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    return web_and_code(tmp_path_factory.mktemp("mix"))
-
-
-@pytest.fixture(scope="module")
-def web(sources):
-    return sources[0]
-
-
-@pytest.fixture(scope="module")
-def code(sources):
-    return sources[1]
 
 
 def batches(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

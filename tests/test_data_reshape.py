@@ -14,24 +14,10 @@ import pytest
 import torch
 
 from data.loader import Loader, LoaderConfig
-from tests.test_data_helpers import framed, reading_order, shard_documents, web_and_code
+from tests.test_data_helpers import framed, reading_order, shard_documents
 
 SEQ, BATCH, SEED = 40, 2, 5
 
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    return web_and_code(tmp_path_factory.mktemp("reshape"))
-
-
-@pytest.fixture(scope="module")
-def web(sources):
-    return sources[0]
-
-
-@pytest.fixture(scope="module")
-def code(sources):
-    return sources[1]
 
 
 def make(sources, rank: int, world: int, workers: int, processes: bool = False, **kw) -> Loader:
