@@ -19,7 +19,6 @@ from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_or
 SEQ, BATCH = 40, 2
 
 
-
 def batches(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [next(loader) for _ in range(n)]
 

@@ -19,7 +19,6 @@ from tests.test_data_helpers import framed, reading_order, shard_documents
 SEQ, BATCH, SEED = 40, 2, 5
 
 
-
 def make(sources, rank: int, world: int, workers: int, processes: bool = False, **kw) -> Loader:
     return Loader(LoaderConfig([(str(p), w) for p, w in sources], SEQ, BATCH, rank=rank, world_size=world,
                                seed=SEED, num_workers=workers, worker_processes=processes, **kw))
