@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import reprlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +19,159 @@ from typing import Any
 
 import yaml
 
+MAX_SHOWN = 200
+"""Characters of a value an error message shows; the rest is cut (a value can be megabytes long)."""
+MAX_LINE = 600
+"""Characters of one problem line: a backstop for messages that quote a value without `shown`."""
+MAX_PROBLEMS = 20
+"""Problems listed in one error; the rest are counted."""
+MAX_DEPTH = 50
+"""Nesting levels a YAML config or override may have (cloze's own configs use 4)."""
+MAX_EXPANDED = 1_000_000
+"""Nodes plus scalar characters a YAML config or override may hold once its aliases are expanded: a few hundred
+bytes of nested aliases ("billion laughs") would otherwise expand to gigabytes wherever the value is printed."""
+LINE_BREAKS = "\n\r\0\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+"""Characters that end a line (for Python's splitlines or a shell) or a C string; no config value or path may hold
+one, as it would split the line of a generated sbatch script it is written into."""
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = MAX_SHOWN
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 4, 8, 8
+
+
+def shown(value: Any) -> str:
+    """repr(value) for an error message, at most MAX_SHOWN characters; never builds the whole repr of a large value."""
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
+def _clip(line: str) -> str:
+    """One problem line of at most MAX_LINE characters, keeping its end (which usually names the fix)."""
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 160] + " ... " + line[-155:]
+
 
 class ConfigError(ValueError):
     """A user mistake in the config; `problems` holds one line per problem."""
 
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = problems
+        source = _clip(source)
         if len(problems) == 1:
-            super().__init__(f"{source}: {problems[0]}")
+            super().__init__(f"{source}: {_clip(problems[0])}")
         else:
-            super().__init__(f"{source}: {len(problems)} problems" + "".join(f"\n  - {p}" for p in problems))
+            listed = [f"\n  - {_clip(p)}" for p in problems[:MAX_PROBLEMS]]
+            if len(problems) > MAX_PROBLEMS:
+                listed.append(f"\n  - and {len(problems) - MAX_PROBLEMS} more")
+            super().__init__(f"{source}: {len(problems)} problems" + "".join(listed))
+
+
+def line_break(text: str) -> str | None:
+    """The first line break or NUL in `text`, escaped for a message (e.g. '\\n'), or None."""
+    for c in text:
+        if c in LINE_BREAKS:
+            return repr(c)[1:-1]
+    return None
+
+
+def one_line_problem(name: str, text: str) -> str | None:
+    """A problem line naming `name` when `text` holds a line break or NUL, else None."""
+    found = line_break(text)
+    if found is None:
+        return None
+    return (f"{name}: {shown(text)} holds a line break or NUL ({found}); paths, names and values must be one line "
+            f"(each is written into one line of the job script)")
+
+
+# -- bounded YAML ------------------------------------------------------------------------------------------------
+
+class YAMLTooLarge(yaml.composer.ComposerError):
+    """A YAML document nested deeper than MAX_DEPTH, larger than MAX_EXPANDED once expanded, or recursive."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two bounds: nesting depth (each level is a Python recursion in the composer, so
+    thousands of `[` raise RecursionError) and the size of the document once its aliases are expanded."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise YAMLTooLarge(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Raise YAMLTooLarge when the node graph, with every alias expanded, is deeper than MAX_DEPTH, larger than
+    MAX_EXPANDED, or recursive. Counted per node once (memoised), so a bomb is refused in time linear in its text."""
+    memo: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, expanded depth)
+    active: set[int] = set()
+
+    def visit(node: yaml.Node) -> tuple[int, int]:
+        # An alias always follows its anchor in the document, and children are visited in document order: a node
+        # met twice is memoised or is an ancestor (a recursive alias). Recursion here is as deep as the text's own.
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if key in active:
+            raise YAMLTooLarge(None, None, "an alias refers to its own anchor (a recursive value)",
+                                              node.start_mark)
+        active.add(key)
+        if isinstance(node, yaml.ScalarNode):
+            children: list[yaml.Node] = []
+            size = 1 + len(node.value)
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+            size = 1
+        depth = 1
+        for child in children:
+            s, d = visit(child)
+            size, depth = size + s, max(depth, d + 1)
+            if size > MAX_EXPANDED or depth > MAX_DEPTH:
+                what = (f"nested deeper than {MAX_DEPTH} levels" if depth > MAX_DEPTH else
+                        f"larger than {MAX_EXPANDED:,} nodes and characters")
+                raise YAMLTooLarge(None, None, f"{what} once its aliases are expanded",
+                                                  child.start_mark)
+        active.discard(key)
+        memo[key] = (size, depth)
+        return memo[key]
+
+    visit(root)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error as one short line: what and where, without PyYAML's multi-line context."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if not problem:
+        return _clip(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if isinstance(e, YAMLTooLarge):
+        return f"refused: {problem}{where}; a cloze config is a few levels of plain values"
+    return _clip(f"not valid YAML: {problem}{where}")
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, within MAX_DEPTH and MAX_EXPANDED; raises yaml.YAMLError."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError:  # a bound above should make this unreachable; never a traceback either way
+        raise YAMLTooLarge(None, None, f"nested deeper than {MAX_DEPTH} levels", None) from None
+    finally:
+        loader.dispose()
 
 
 @dataclass
@@ -152,7 +296,7 @@ _SECTIONS = {"data": DataConfig, "objectives": ObjectivesConfig, "train": TrainC
 
 
 def _suggest(key: str, valid: list[str]) -> str:
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    near = difflib.get_close_matches(key[:100], valid, n=1, cutoff=0.5)
     return f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(sorted(valid))})"
 
 
@@ -162,11 +306,11 @@ def _check_type(path: str, value: Any, default: Any, problems: list[str]) -> Any
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            problems.append(f"{path}: expected true/false, got {value!r}")
+            problems.append(f"{path}: expected true/false, got {shown(value)}")
         return value
     if isinstance(default, int) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{path}: expected an integer, got {value!r}")
+            problems.append(f"{path}: expected an integer, got {shown(value)}")
         return value
     if isinstance(default, float):
         if isinstance(value, str):
@@ -176,16 +320,16 @@ def _check_type(path: str, value: Any, default: Any, problems: list[str]) -> Any
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{path}: expected a number, got {value!r}")
+            problems.append(f"{path}: expected a number, got {shown(value)}")
             return value
         return float(value)
     if isinstance(default, str) and not isinstance(value, str):
-        problems.append(f"{path}: expected a string, got {value!r}")
+        problems.append(f"{path}: expected a string, got {shown(value)}")
     if isinstance(default, dict) and not isinstance(value, dict):
-        problems.append(f"{path}: expected a mapping, got {value!r}")
+        problems.append(f"{path}: expected a mapping, got {shown(value)}")
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(default):
-            problems.append(f"{path}: expected a list of {len(default)} numbers, got {value!r}")
+            problems.append(f"{path}: expected a list of {len(default)} numbers, got {shown(value)}")
             return value
         return tuple(value)
     return value
@@ -196,7 +340,7 @@ def _build_section(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any
     if raw is None:
         return obj
     if not isinstance(raw, dict):
-        problems.append(f"{prefix}: expected a mapping, got {raw!r}")
+        problems.append(f"{prefix}: expected a mapping, got {shown(raw)}")
         return obj
     names = [f.name for f in dataclasses.fields(cls)]
     for key, value in raw.items():
@@ -234,10 +378,28 @@ def _colon_key_problems(node: Any, prefix: str) -> list[str]:
         where = f"{prefix}.{key}" if prefix else str(key)
         name, _, rest = key.partition(":") if isinstance(key, str) else ("", "", "")
         if value is None and name and _is_number(rest):  # a URL key without a weight is not this mistake
-            out.append(f"{prefix or 'top level'}: YAML read {key!r} as one key with no value; put a space after "
+            out.append(f"{prefix or 'top level'}: YAML read {shown(key)} as one key with no value; put a space after "
                        f"the colon ({name}: {rest}), e.g. objectives.mix='{{mlm: 0.8, span: 0.2}}'")
         else:
             out += _colon_key_problems(value, where)
+    return out
+
+
+def _line_break_problems(node: Any, prefix: str) -> list[str]:
+    """Every key or string value of the raw config holding a line break or NUL, named by its dotted key."""
+    out: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{prefix}.{shown(key) if not isinstance(key, str) else key}" if prefix else str(key)
+            if isinstance(key, str) and (problem := one_line_problem(f"{prefix or 'top level'}: key", key)):
+                out.append(problem)
+                continue
+            out += _line_break_problems(value, where)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _line_break_problems(value, f"{prefix}[{i}]")
+    elif isinstance(node, str) and (problem := one_line_problem(prefix or "config", node)):
+        out.append(problem)
     return out
 
 
@@ -247,12 +409,17 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            bad.append(f"override {item!r}: expected key=value, e.g. train.max_steps=50")
+            bad.append(f"override {shown(item)}: expected key=value, e.g. train.max_steps=50")
+            continue
+        # Checked on the text as typed: YAML folds a line break in a plain value into a space, but the override is
+        # also written verbatim into a job script by launch.submit.
+        if problem := one_line_problem(f"override {shown(key.strip())}", item):
+            bad.append(problem)
             continue
         try:
-            out.append((key.strip(), yaml.safe_load(text)))
+            out.append((key.strip(), parse_yaml(text)))
         except yaml.YAMLError as e:
-            bad.append(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})")
+            bad.append(f"override {shown(key.strip())}: {_yaml_problem(e)}")
     if bad:
         raise ConfigError(bad, "overrides")
     return out
@@ -267,13 +434,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not p.is_file():
             raise ConfigError([f"config file not found: {p} (pass an existing YAML, e.g. launch/configs/demo.yaml)"])
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError([f"not valid YAML: {str(e).splitlines()[0]}"], source) from None
+            raise ConfigError([_yaml_problem(e)], source) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError([f"not UTF-8 text ({e.reason} at byte {e.start})"], source) from None
         if not isinstance(raw, dict):
             raise ConfigError([f"top level must be a mapping, got {type(raw).__name__}"], source)
     for key, value in parse_overrides(list(overrides)):
         _set_path(raw, key, value)
+    if broken := _line_break_problems(raw, ""):
+        raise ConfigError(broken, source)
     if colon_keys := _colon_key_problems(raw, ""):
         # Checked before the sections: the unknown-key and mix errors these cause would hide the real mistake.
         raise ConfigError(colon_keys, source)
@@ -288,7 +459,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             setattr(cfg, key, _build_section(_SECTIONS[key], value, key, problems))
         elif key == "model":
             if not isinstance(value, dict):
-                problems.append(f"model: expected a mapping, got {value!r}")
+                problems.append(f"model: expected a mapping, got {shown(value)}")
             else:
                 cfg.model = dict(value)
         else:
@@ -308,8 +479,10 @@ def validate(cfg: RunConfig) -> list[str]:
     from objectives import OBJECTIVES, build_objective
     from objectives.mixer import Mixer
 
-    p: list[str] = []
     t, d = cfg.train, cfg.data
+    if unusable := _unusable_paths(cfg):
+        return unusable  # the checks below would fail on these paths with an OSError naming no key
+    p: list[str] = []
     for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints", "max_bad_steps"):
         if getattr(t, name) < 1:
             p.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
@@ -319,7 +492,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if not t.lr > 0:
         p.append(f"train.lr: must be > 0, got {t.lr}")
     if t.schedule not in ("warmup_linear", "warmup_cosine", "wsd"):
-        p.append(f"train.schedule: must be warmup_linear, warmup_cosine or wsd, got {t.schedule!r}")
+        p.append(f"train.schedule: must be warmup_linear, warmup_cosine or wsd, got {shown(t.schedule)}")
     if not 0 < t.decay_frac <= 1:
         p.append(f"train.decay_frac: must lie in (0, 1], got {t.decay_frac}")
     if t.warmup_steps >= t.max_steps >= 1:
@@ -333,10 +506,11 @@ def validate(cfg: RunConfig) -> list[str]:
     if not all(0 <= b < 1 for b in t.betas):
         p.append(f"train.betas: each must lie in [0, 1), got {list(t.betas)}")
     if t.precision not in ("auto", "fp32", "bf16"):
-        p.append(f"train.precision: must be auto, fp32 or bf16, got {t.precision!r}")
+        p.append(f"train.precision: must be auto, fp32 or bf16, got {shown(t.precision)}")
     for key, allowed in (("attention_backend", ATTENTION_BACKENDS), ("head_loss", HEAD_LOSSES)):
         if getattr(t, key) not in allowed:
-            p.append(f"train.{key}: must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {getattr(t, key)!r}")
+            p.append(f"train.{key}: must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                     f"got {shown(getattr(t, key))}")
     if t.zero_stage is not None and t.zero_stage not in (0, 1, 2, 3):
         p.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
     if not Path(t.deepspeed_config).is_file():
@@ -352,10 +526,12 @@ def validate(cfg: RunConfig) -> list[str]:
     if d.num_workers < 0:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if d.on_bad_data not in ("fail", "skip"):
-        p.append(f"data.on_bad_data: must be fail or skip, got {d.on_bad_data!r}")
+        p.append(f"data.on_bad_data: must be fail or skip, got {shown(d.on_bad_data)}")
     for src, w in d.sources.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
-            p.append(f"data.sources.{src}: weight must be a positive number, got {w!r}")
+        if not isinstance(src, str):
+            p.append(f"data.sources: key {shown(src)} must be a prepared directory, an http(s):// URL or pipe:")
+        elif isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+            p.append(f"data.sources.{src}: weight must be a positive number, got {shown(w)}")
         elif "://" not in src and not src.startswith("pipe:") and not Path(src).exists():
             p.append(f"data.sources.{src}: not found (a prepared directory, an http(s):// URL or pipe:)")
     if d.seq_len < 8:
@@ -364,7 +540,9 @@ def validate(cfg: RunConfig) -> list[str]:
     reserved = {"vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"}
     model_fields = [f.name for f in dataclasses.fields(EncoderConfig) if f.name not in reserved]
     for key in cfg.model:
-        if key in reserved:
+        if not isinstance(key, str):
+            p.append(f"model: key {shown(key)} must be a field name{_suggest('', model_fields)}")
+        elif key in reserved:
             p.append(f"model.{key}: set by the data manifest, remove it from the config")
         elif key not in model_fields:
             p.append(f"model.{key}: unknown key{_suggest(key, model_fields)}")
@@ -394,6 +572,24 @@ def validate(cfg: RunConfig) -> list[str]:
         except ValueError as e:
             p.append(f"objectives.{name}: {e}")
     return p
+
+
+def _unusable_paths(cfg: RunConfig) -> list[str]:
+    """Paths of the config the system cannot even look up (a name longer than the file system allows, a folder
+    that may not be searched): one problem each, naming the key."""
+    paths = {"out_dir": cfg.out_dir, "data.path": cfg.data.path, "eval.path": cfg.eval.path,
+             "train.deepspeed_config": cfg.train.deepspeed_config}
+    paths.update({f"data.sources.{src}": src for src in cfg.data.sources
+                  if isinstance(src, str) and "://" not in src and not src.startswith("pipe:")})
+    out = []
+    for key, path in paths.items():
+        try:
+            os.stat(path or ".")
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # reported, with the fix, by the checks of validate
+        except OSError as e:
+            out.append(f"{key}: cannot look up {shown(path)} ({e.strerror}); give a path this system can open")
+    return out
 
 
 def warn(message: str) -> None:
