@@ -3,10 +3,12 @@
 Checkpoints of ZeRO stages 0-3 are consolidated to fp32 with DeepSpeed's own utility (stage 0 has no ZeRO
 partitions: its weights sit whole in the model-states file) one tensor at a time, the prediction head is dropped
 (unless --with-head), and the folder gets config.json (transformers' ModernBERT), safetensors weights (sharded above
---max-shard-size), the tokenizer files, sentence-transformers' mean-pooling config, training_config.json and a model
-card with loss curves. Unless --no-verify, the folder is then loaded with stock `transformers` and compared with
-cloze's own model on the same weights. Everything is written to a temporary folder beside --out and renamed into
-place only when complete, so a failed export leaves nothing at --out.
+--max-shard-size), the tokenizer files, sentence-transformers' mean-pooling config, training_config.json, a model
+card with loss curves and cloze_export.json (the marker by which a later --overwrite recognises the folder). Unless
+--no-verify, the folder is then loaded with stock `transformers` and compared with cloze's own model on the same
+weights. Everything is written to a temporary folder beside --out and renamed into place only when complete, so a
+failed export leaves nothing at --out. --out may not be, contain or lie inside the checkpoint's run directory, and
+--overwrite replaces only an earlier export, never another folder.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ state beyond +-2 (or an MLM logit) may differ by more than 2e-2 when both sides 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_FILES = ("spm.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_MAX_SHARD = "2GB"
+EXPORT_MARKER = "cloze_export.json"
+"""Written into every export: with config.json beside it, it is how `--overwrite` knows a folder is one that
+launch.export wrote (the only kind of folder it replaces)."""
+MARKER_FORMAT = "cloze-export"
 
 VERIFY_TEXTS = [
     "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n",
@@ -323,8 +329,44 @@ def write_export(checkpoint: str | Path, out: Path, with_head: bool, dtype: str,
     if not with_head:
         write_sentence_transformers(out, cfg.hidden_size, seq_len)
     (out / "training_config.json").write_text(json.dumps(info.get("config", {}), indent=2, default=str) + "\n")
+    marker = {"format": MARKER_FORMAT, "version": 1, "checkpoint_tag": tag, "step": info.get("step"),
+              "with_head": with_head, "dtype": dtype}
+    (out / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return {"ckpt_dir": ckpt_dir, "tag": tag, "info": info, "files": files,
             "precision": training_precision(ckpt_dir, tag, int(info["zero_stage"]))}
+
+
+def run_dir_of(ckpt_dir: Path) -> Path:
+    """The run directory of a checkpoints folder (<run>/checkpoints); a folder of step_* dirs named otherwise is
+    its own run directory."""
+    return ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
+
+
+def is_cloze_export(folder: Path) -> bool:
+    """A real folder (not a link) holding config.json and the marker launch.export writes, with its format."""
+    marker = folder / EXPORT_MARKER
+    if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
+        return False
+    if not (folder / "config.json").is_file() or marker.stat().st_size > 65536:
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format") == MARKER_FORMAT
+    except (ValueError, AttributeError, OSError):  # not JSON, not an object, unreadable
+        return False
+
+
+def check_out(out: Path, run_dir: Path) -> None:
+    """Refuse an --out that is, contains or lies inside the checkpoint's run directory (writing or replacing it
+    would lose the run), and an existing --out that is not an export (--overwrite replaces only exports)."""
+    out_abs, run_abs = out.resolve(), run_dir.resolve()
+    if out_abs == run_abs or out_abs in run_abs.parents or run_abs in out_abs.parents:
+        where = ("is" if out_abs == run_abs else "contains" if out_abs in run_abs.parents else "lies inside")
+        raise ValueError(f"--out {out} {where} the run directory {run_dir} of the checkpoint; export beside the "
+                         f"run instead, e.g. --out {run_dir.parent / (run_dir.name + '-export')}")
+    if (out.exists() or out.is_symlink()) and not is_cloze_export(out):
+        raise ValueError(f"--out {out} exists and is not a cloze export (no {EXPORT_MARKER} and config.json); "
+                         f"--overwrite replaces only a folder launch.export wrote: choose a new folder, or remove "
+                         f"this one yourself")
 
 
 def export(checkpoint: str | Path, out: str | Path, with_head: bool = False, dtype: str = "fp32",
@@ -335,9 +377,10 @@ def export(checkpoint: str | Path, out: str | Path, with_head: bool = False, dty
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     max_shard = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     out = Path(out)
-    if out.exists() and not overwrite:
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise ValueError(f"--out {out} already exists; choose a new folder or pass --overwrite to replace it")
-    resolve_checkpoint(checkpoint)  # a wrong path fails before anything is created
+    ckpt_dir, _ = resolve_checkpoint(checkpoint)  # a wrong path fails before anything is created
+    check_out(out, run_dir_of(ckpt_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -350,14 +393,12 @@ def export(checkpoint: str | Path, out: str | Path, with_head: bool = False, dty
 
             write_model_card(tmp, meta["ckpt_dir"], meta["tag"], meta["info"], with_head=with_head, dtype=dtype,
                              verification=result, precision=meta["precision"])
-        if out.exists():  # --overwrite: swap in the new folder, then drop the old one
+        if out.exists():  # --overwrite of a folder check_out found to be an export: swap, then drop the old one
+            check_out(out, run_dir_of(meta["ckpt_dir"]))  # again: the export took a while
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
             os.replace(tmp, out)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
+            shutil.rmtree(old)
         else:
             os.replace(tmp, out)
     finally:
@@ -435,13 +476,15 @@ def verify(out: str | Path, checkpoint: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir, or one step_XXXXXXXX dir")
-    ap.add_argument("--out", required=True, help="output folder; must not exist (see --overwrite)")
+    ap.add_argument("--out", required=True, help="output folder beside the run; must not exist (see --overwrite)")
     ap.add_argument("--with-head", action="store_true",
                     help="keep the MLM head (ModernBertForMaskedLM), e.g. for pipeline('fill-mask')")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of the export")
     ap.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD,
                     help=f"safetensors shards of at most this size (default {DEFAULT_MAX_SHARD})")
-    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists (swapped in when complete)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is an earlier export (swapped in when complete); any other folder is "
+                         "refused")
     ap.add_argument("--no-verify", action="store_true",
                     help="skip loading the export back with transformers (verify holds two fp32 copies in memory)")
     ap.add_argument("--no-card", action="store_true", help="skip the model card (README.md and loss_curves.png)")

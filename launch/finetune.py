@@ -102,22 +102,46 @@ def check_export_files(export: Path, need_weights: bool) -> None:
                              f"`python -m launch.export`") from None
 
 
+def check_export_folder(export: Path, need_weights: bool) -> None:
+    """--export is a folder holding config.json (and, with need_weights, safetensors weights) and no pickles;
+    otherwise one error naming it and how to write one. Runs before transformers reads anything: given a path
+    that is not a folder, transformers would look for a model of that name online."""
+    write_one = f"write one with `python -m launch.export --checkpoint RUN_DIR --out {export}`"
+    if not export.exists():
+        raise FileNotFoundError(f"--export {export}: no such folder; {write_one}")
+    if not export.is_dir():
+        raise NotADirectoryError(f"--export {export}: not a folder; pass the folder launch.export wrote, or "
+                                 f"{write_one}")
+    for name, what in (("config.json", "model config"), ("tokenizer.json", "tokenizer")):
+        if not (export / name).is_file():
+            raise FileNotFoundError(f"--export {export}: not an export (no {name}, the {what}); {write_one}")
+    check_export_files(export, need_weights)
+
+
+def _hf_error(export: Path, what: str, e: Exception) -> ValueError:
+    """transformers' error on loading from an export folder, as one line naming the folder."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return ValueError(f"--export {export}: transformers could not load its {what} ({first}); export again with "
+                      f"`python -m launch.export`")
+
+
 def build_model(export: Path, labels: list[str], cfg: FinetuneConfig):
     """The classifier on the export's encoder (or on random weights of the same shape), and what it did not load."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    if not (export / "config.json").is_file():
-        raise FileNotFoundError(f"{export}: no config.json; pass a folder written by `python -m launch.export`")
-    check_export_files(export, need_weights=not cfg.random_init)
+    check_export_folder(export, need_weights=not cfg.random_init)
     extra = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                  label2id={label: i for i, label in enumerate(labels)}, classifier_pooling=cfg.pooling)
     torch.manual_seed(cfg.seed)
-    if cfg.random_init:
-        config = AutoConfig.from_pretrained(export, **extra)
-        config.architectures = None
-        return AutoModelForSequenceClassification.from_config(config), ["all weights (--random-init)"]
-    model, info = AutoModelForSequenceClassification.from_pretrained(export, output_loading_info=True,
-                                                                     use_safetensors=True, **extra)
+    try:
+        if cfg.random_init:
+            config = AutoConfig.from_pretrained(export, local_files_only=True, **extra)
+            config.architectures = None
+            return AutoModelForSequenceClassification.from_config(config), ["all weights (--random-init)"]
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            export, output_loading_info=True, use_safetensors=True, local_files_only=True, **extra)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign config.json
+        raise _hf_error(export, "model", e) from None
     return model, sorted(info["missing_keys"])
 
 
@@ -153,7 +177,11 @@ def finetune(export: str | Path, train_csv: str | Path, eval_csv: str | Path, cf
         raise ValueError(f"{train_csv}: only one label ({labels[0]!r}); a classifier needs at least two")
     if out is not None and Path(out).exists():
         raise ValueError(f"--out {out} already exists; choose a new folder")
-    tok = AutoTokenizer.from_pretrained(export)
+    check_export_folder(export, need_weights=not cfg.random_init)
+    try:
+        tok = AutoTokenizer.from_pretrained(export, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # no or damaged tokenizer files
+        raise _hf_error(export, "tokenizer", e) from None
     model, fresh = build_model(export, labels, cfg)
     y = [labels.index(n) for n in label_names]
     y_eval = [labels.index(n) for n in eval_names]

@@ -53,8 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace) -> tuple[str, Path]:
     """(script text, path to keep it at). Raises ValueError/ConfigError for user mistakes."""
-    from launch.slurm.render import JobSpec, log_dir, render_export, render_pretrain
+    from launch.slurm.render import JobSpec, check_one_line, log_dir, render_export, render_pretrain
 
+    # First, as the job name and the log path are derived from these (the renderers check them again).
+    for flag, value in (("--config", args.config), ("--checkpoint", args.checkpoint), ("--out", args.out)):
+        check_one_line(flag, value or "")
     common = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
                   cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time, account=args.account,
                   signal_seconds=args.signal_seconds, launcher=args.launcher, python=args.python,

@@ -101,10 +101,10 @@ def test_out_that_exists_is_refused_and_kept(run, tmp_path, capsys):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "error: --out" in proc.stderr and "already exists" in proc.stderr and "--overwrite" in proc.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    proc = run_cli(["launch.export", "--checkpoint", str(run), "--out", str(out), "--overwrite", "--no-verify",
-                    "--no-card"], check=True)
-    assert "exported" in proc.stderr
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    # --overwrite replaces only an earlier export (tests/test_security_cli.py), never a folder like this one
+    msg = export_fails(run, out, capsys, "--overwrite", "--no-verify", "--no-card")
+    assert "not a cloze export" in msg, msg
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"], "temporary folders left behind"
 
 

@@ -3,7 +3,8 @@
 Two launchers. `srun` (default) starts one task per GPU and each task is one rank (launch.dist reads SLURM_*).
 `torchrun` starts one srun task per node that runs torchrun with G local ranks; ranks then read torchrun's
 variables. Values are checked here and shell-quoted into the script, so nothing a user types ends up as shell code
-or as a second #SBATCH option.
+or as a second #SBATCH option; a value holding a line break or NUL is refused before anything is rendered (quoting
+keeps a line break inside one shell word, but not inside a comment or an #SBATCH line).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
+
+from launch.config import one_line_problem, shown
 
 TEMPLATES = Path(__file__).resolve().parent
 LAUNCHERS = ("srun", "torchrun")
@@ -59,6 +62,8 @@ class JobSpec:
     """Slurm dependency, e.g. 'afterok:4711' (export after pretraining)."""
 
     def __post_init__(self) -> None:
+        for name in ("partition", "time", "account", "job_name", "dependency", "launcher"):
+            check_one_line(f"--{name.replace('_', '-')}", getattr(self, name))
         for name in ("nodes",):
             if getattr(self, name) < 1:
                 raise ValueError(f"--nodes must be >= 1, got {self.nodes}")
@@ -73,18 +78,29 @@ class JobSpec:
         if not 1 <= self.signal_seconds <= 65535:
             raise ValueError(f"--signal-seconds must lie in 1..65535 (Slurm's limit), got {self.signal_seconds}")
         if self.launcher not in LAUNCHERS:
-            raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+            raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {shown(self.launcher)}")
         if self.time and not _TIME.fullmatch(self.time):
-            raise ValueError(f"--time {self.time!r} is not a Slurm time: use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
-                             f"D-HH:MM:SS, e.g. --time 1-00:00:00")
+            raise ValueError(f"--time {shown(self.time)} is not a Slurm time: use MM, MM:SS, HH:MM:SS, D-HH, "
+                             f"D-HH:MM or D-HH:MM:SS, e.g. --time 1-00:00:00")
         for name in ("partition", "account", "job_name", "dependency"):
             value = getattr(self, name)
             if value and not _SAFE.fullmatch(value):
-                raise ValueError(f"--{name.replace('_', '-')} {value!r} holds characters Slurm does not accept "
+                raise ValueError(f"--{name.replace('_', '-')} {shown(value)} holds characters Slurm does not accept "
                                  f"there (spaces, quotes, newlines)")
+        check_one_line("--python", self.python)
+        for line in self.setup:
+            check_one_line("--setup", line, "pass --setup once per line")
         for arg in self.sbatch_args:
-            if not arg.startswith("-") or any(c in arg for c in "\n\r") or "#" in arg:
-                raise ValueError(f"--sbatch-arg {arg!r}: expected one sbatch option such as --qos=high")
+            check_one_line("--sbatch-arg", arg, "pass --sbatch-arg once per option")
+            if not arg.startswith("-") or "#" in arg:
+                raise ValueError(f"--sbatch-arg {shown(arg)}: expected one sbatch option such as --qos=high")
+
+
+def check_one_line(name: str, value: str, fix: str = "") -> None:
+    """ValueError naming `name` when `value` holds a line break or NUL: in the script it would end a comment or an
+    #SBATCH line and start a line of shell (after which sbatch also ignores every later #SBATCH line)."""
+    if problem := one_line_problem(name, str(value)):
+        raise ValueError(problem + (f"; {fix}" if fix else ""))
 
 
 def fill(template: str, values: dict[str, str]) -> str:
@@ -138,6 +154,11 @@ def render_pretrain(config: str, overrides: list[str], spec: JobSpec, out_dir: s
                     workdir: str | Path | None = None) -> str:
     """The sbatch script that trains `config` (+ overrides) on spec.nodes x spec.tasks_per_node ranks."""
     workdir = Path(workdir or Path.cwd()).resolve()
+    check_one_line("--config", config)
+    for item in overrides:
+        check_one_line(f"override {shown(item.partition('=')[0])}", item)
+    check_one_line("out_dir", str(out_dir))
+    check_one_line("the working directory", str(workdir))
     py = shlex.quote(spec.python)
     train = [spec.python, "-m", "launch.train", "--config", config, *overrides]
     cpus = spec.cpus_per_task
@@ -170,7 +191,7 @@ def render_pretrain(config: str, overrides: list[str], spec: JobSpec, out_dir: s
         cpus_line = f"#SBATCH --cpus-per-task={node_cpus}" if node_cpus else ""
         note = f"torchrun: one task per node, {spec.tasks_per_node} ranks each"
     values = {
-        "config": " ".join([config, *overrides]),
+        "config": shlex.join([config, *overrides]),
         "nodes": str(spec.nodes),
         "tasks_per_node": str(spec.tasks_per_node),
         "sbatch_tasks_per_node": str(sbatch_tasks),
@@ -194,6 +215,9 @@ def render_export(checkpoint: str, out: str, spec: JobSpec, extra_args: list[str
                   workdir: str | Path | None = None) -> str:
     """The sbatch script that exports `checkpoint` to a Hugging Face folder `out` on one node."""
     workdir = Path(workdir or Path.cwd()).resolve()
+    for name, value in (("--checkpoint", checkpoint), ("--out", out), ("the working directory", str(workdir)),
+                        *(("export option", a) for a in extra_args)):
+        check_one_line(name, value)
     out_abs = (workdir / out).resolve()
     cpus = spec.cpus_per_task
     values = {
