@@ -416,6 +416,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if problem := one_line_problem(f"override {shown(key.strip())}", item):
             bad.append(problem)
             continue
+        if key.count(".") >= MAX_DEPTH:
+            bad.append(f"override {shown(key.strip())}: more than {MAX_DEPTH} dotted parts; keys are like "
+                       f"train.max_steps")
+            continue
         try:
             out.append((key.strip(), parse_yaml(text)))
         except yaml.YAMLError as e:
@@ -433,6 +437,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         p = Path(path)
         if not p.is_file():
             raise ConfigError([f"config file not found: {p} (pass an existing YAML, e.g. launch/configs/demo.yaml)"])
+        if p.stat().st_size > MAX_EXPANDED:  # read nothing larger than a config could be
+            raise ConfigError([f"{p.stat().st_size:,} bytes; a config is a few KB (at most {MAX_EXPANDED:,} bytes)"],
+                              source)
         try:
             raw = parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -595,7 +602,7 @@ def _unusable_paths(cfg: RunConfig) -> list[str]:
 def warn(message: str) -> None:
     """A config option that is ignored: say so once (rank 0 or a launcher), never silently."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        print(f"warning: {_clip(message)}", file=sys.stderr, flush=True)
 
 
 def _check_writable(key: str, path: Path) -> list[str]:

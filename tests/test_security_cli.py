@@ -338,6 +338,18 @@ def test_billion_laughs_file_of_a_few_hundred_bytes(tmp_path):
     assert "once its aliases are expanded" in msg and str(config) in msg and seconds < 10, msg
 
 
+def test_deep_dotted_override_and_oversized_file(tmp_path):
+    """Nesting made by a dotted override key, and a config file too large to be one, are refused the same way."""
+    proc, seconds = _train_dry_run(["--config", "launch/configs/tiny.yaml", "train" + ".a" * 5_000 + "=1"])
+    msg = one_error(proc.returncode, proc.stderr)
+    assert "dotted parts" in msg and len(msg) < 700 and seconds < 10, msg
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * 2_000_000 + "\nout_dir: runs/x\n")
+    proc, seconds = _train_dry_run(["--config", str(big)])
+    msg = one_error(proc.returncode, proc.stderr)
+    assert str(big) in msg and "a config is a few KB" in msg and seconds < 10, msg
+
+
 def test_long_values_are_cut_in_messages(tmp_path):
     """A value quoted by an error is cut to about 200 characters, whatever its size."""
     long = "y" * 50_000
