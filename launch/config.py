@@ -100,8 +100,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise YAMLTooLarge(None, None, f"nested deeper than {MAX_DEPTH} levels",
-                                                  self.peek_event().start_mark)
+                raise YAMLTooLarge(None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1

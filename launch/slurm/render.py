@@ -103,8 +103,16 @@ def check_one_line(name: str, value: str, fix: str = "") -> None:
         raise ValueError(problem + (f"; {fix}" if fix else ""))
 
 
+MULTILINE = ("sbatch_options", "setup", "rendezvous")
+"""Placeholders whose value is several lines (each built from values checked one by one); every other value must
+be one line, as it sits inside a comment, an #SBATCH line or one shell command."""
+
+
 def fill(template: str, values: dict[str, str]) -> str:
     """Replace {{name}}; a placeholder alone on a line whose value is empty leaves no blank line behind."""
+    for name, value in values.items():
+        if name not in MULTILINE:
+            check_one_line(name, value)
     lines = []
     for line in template.splitlines():
         m = re.fullmatch(r"\{\{(\w+)\}\}", line.strip())
