@@ -1,13 +1,16 @@
 """Reading one source's shards for one partition, verified, under the on_bad_data policy.
 
 A shard is fetched whole (local file, http(s), pipe:), checked against the manifest (size, then sha256) before
-any of its samples is used, then parsed with WebDataset's tar iterator. Only members named `<key>.ids` are ever
+any of its samples is used, then parsed as a plain, uncompressed tar (a gzip/bz2/xz shard is not a tar, so it can
+never expand in memory) in which no member may be larger than the shard itself (a sparse member could). A shard
+the manifest declares larger than MAX_SHARD_BYTES is never fetched. Only members named `<key>.ids` are ever
 interpreted, and only as little-endian integers: no decoder runs, so a `.pickle`, `.pyd`, `.pth` or `.npy`
 member is never unpickled or imported; it is bad data like any other.
 
 Bad data and the policy:
-- shard level: `missing` (cannot be fetched), `size`, `sha256`, `not_tar` (the tar cannot be parsed),
-  `count` (a different number of members than the manifest lists);
+- shard level: `missing` (cannot be fetched in time), `size` (also: declared above MAX_SHARD_BYTES), `sha256`,
+  `not_tar` (the tar cannot be parsed, or is compressed), `count` (another number of members than the manifest
+  lists);
 - sample level: `member` (not `<key>.ids`), `length` (not a whole number of ids), `vocab` (an id >= vocab size).
 With on_bad_data='fail' the first one raises BadDataError naming the shard (and the sample key); with 'skip' it
 is left out, counted under `skipped_shards/<reason>` or `skipped_samples/<reason>` and logged. If a whole epoch of
@@ -30,11 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from webdataset.tariterators import tar_file_iterator
 
 from data.location import FetchError, Location
 from data.manifest import Manifest
 from data.plan import SourcePlan
+from data.shards import MAX_SHARD_BYTES
 
 ON_BAD_DATA = ("fail", "skip")
 SHARD_REASONS = ("missing", "size", "sha256", "not_tar", "count")
@@ -167,6 +170,10 @@ class SourceReader:
         """The shard's (member name, payload) list, or None when it is skipped as bad."""
         info = self.source.manifest.shards[index]
         self._opened(info.file)
+        if info.bytes > MAX_SHARD_BYTES:  # read whole into memory: refuse before fetching a byte
+            self._bad_shard(index, "size", f"the manifest says {info.bytes} bytes, more than the largest shard cloze "
+                                           f"reads ({MAX_SHARD_BYTES} bytes; launch.prepare --shard-bytes)")
+            return None
         try:
             data = self.source.location.read(info.file, limit=info.bytes)
         except FetchError as e:
@@ -180,9 +187,9 @@ class SourceReader:
             self._bad_shard(index, "sha256", "content differs from the manifest's sha256 (corrupted or replaced?)")
             return None
         try:
-            members = [(m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(data), skip_meta=None)]
+            members = tar_members(data)
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            self._bad_shard(index, "not_tar", f"not a readable tar file ({str(e).split(' @ ')[0] or type(e).__name__})")
+            self._bad_shard(index, "not_tar", f"not a readable tar file ({str(e) or type(e).__name__})")
             return None
         if len(members) != info.samples:
             self._bad_shard(index, "count", f"{len(members)} members, the manifest lists {info.samples} samples")
@@ -219,3 +226,23 @@ class SourceReader:
             tail = "; further skipped samples are only counted" if self._sample_warnings == _SAMPLE_WARNINGS else ""
             log.warning("skipped %s%s", message, tail)
         return None
+
+
+def tar_members(data: bytes) -> list[tuple[str, bytes]]:
+    """(name, payload) of every regular member of an uncompressed tar held in memory, in file order; WebDataset's
+    `__...__` metadata members are passed over. tarfile.ReadError for anything else: a compressed archive (mode
+    'r|' never decompresses) or a member that claims more bytes than the whole archive (a sparse member's size
+    is the size it would expand to)."""
+    members = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        for info in tar:
+            if info.size > len(data):
+                raise tarfile.ReadError(f"member {info.name[:100]!r} claims {info.size} bytes, more than the "
+                                        f"{len(data)}-byte shard holds")
+            if not info.isreg() or (info.name.startswith("__") and info.name.endswith("__") and "/" not in info.name):
+                continue
+            f = tar.extractfile(info)
+            assert f is not None
+            members.append((info.name, f.read()))
+            tar.members = []  # a streamed archive keeps every TarInfo otherwise
+    return members
