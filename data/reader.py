@@ -44,6 +44,8 @@ SHARD_REASONS = ("missing", "size", "sha256", "not_tar", "count")
 SAMPLE_REASONS = ("member", "length", "vocab")
 _MEMBER_RE = re.compile(r"^(?P<key>[^/]+)\.ids$")
 _RERUN = "re-run `python -m launch.prepare` to rebuild the dataset, or set on_bad_data='skip' to leave it out"
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+"""Magic numbers of compressed files, named in the error for a shard that starts with one."""
 _SAMPLE_WARNINGS = 5  # per reader; later skipped samples are only counted
 log = logging.getLogger("cloze.data")
 
@@ -233,6 +235,9 @@ def tar_members(data: bytes) -> list[tuple[str, bytes]]:
     `__...__` metadata members are passed over. tarfile.ReadError for anything else: a compressed archive (mode
     'r|' never decompresses) or a member that claims more bytes than the whole archive (a sparse member's size
     is the size it would expand to)."""
+    for magic, kind in _COMPRESSED:
+        if data.startswith(magic):
+            raise tarfile.ReadError(f"compressed ({kind}); shards are plain tar files")
     members = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
         for info in tar:

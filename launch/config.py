@@ -46,6 +46,12 @@ class DataConfig:
     on_bad_data: str = "fail"
     """'fail': a corrupt or foreign shard or sample stops the run naming it; 'skip': skip it, count it, report the
     counts in the metrics and the run summary."""
+    read_stall_s: float = 30.0
+    """A read from an http(s) or pipe: source that receives nothing for this many seconds is stopped (the server
+    or command is dead); the file counts as missing (on_bad_data decides)."""
+    read_timeout_s: float = 300.0
+    """A read of one file (shard, manifest, tokenizer) from an http(s) or pipe: source not finished after this many
+    seconds is stopped; the file counts as missing (on_bad_data decides)."""
 
 
 @dataclass
@@ -353,6 +359,9 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if d.on_bad_data not in ("fail", "skip"):
         p.append(f"data.on_bad_data: must be fail or skip, got {d.on_bad_data!r}")
+    for key in ("read_stall_s", "read_timeout_s"):
+        if not getattr(d, key) > 0:
+            p.append(f"data.{key}: must be > 0 seconds, got {getattr(d, key)}")
     for src, w in d.sources.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
             p.append(f"data.sources.{src}: weight must be a positive number, got {w!r}")
