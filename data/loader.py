@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.location import MAX_META_BYTES, FetchError, FetchLimits, Location, same_dataset
-from data.manifest import Manifest, file_sha256
+from data.location import FetchError, FetchLimits, Location, same_dataset
+from data.manifest import MAX_META_BYTES, Manifest, file_sha256
 from data.partition import PartitionSpec, PartitionStream, epoch_rows, initial_state
 from data.plan import MixSchedule, SourcePlan
 from data.reader import ON_BAD_DATA, BadDataError, Source

@@ -21,16 +21,23 @@ import os
 import selectors
 import shlex
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.manifest import MANIFEST_NAME, Manifest, check_name, load_manifest, parse_manifest
+from data.manifest import (
+    MANIFEST_NAME,
+    MAX_META_BYTES,
+    Manifest,
+    check_name,
+    load_manifest,
+    parse_manifest,
+    read_at_most,
+)
 
 REMOTE_PREFIXES = ("http://", "https://", "pipe:")
-MAX_META_BYTES = 64 * 1024 * 1024
-"""Largest manifest.json or tokenizer file read from a remote source."""
 _CHUNK = 1 << 20
 _STDERR_KEEP = 2000  # bytes of a failing command's stderr kept for its error message
 
@@ -107,11 +114,7 @@ class Location:
         is found without holding all of it); FetchError (naming the URL) when it cannot be had in time."""
         url = self.url(relpath)
         if self.is_local:
-            try:
-                with open(url, "rb") as f:
-                    return f.read(limit + 1)
-            except OSError as e:
-                raise FetchError(f"{url}: {e.strerror or e}") from None
+            return _read_local(url, limit + 1)
         if url.startswith("pipe:"):
             argv = ["/bin/sh", "-c", url[len("pipe:"):]]
         else:
@@ -136,6 +139,21 @@ class Location:
         except UnicodeDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from None
         return parse_manifest(text, where)
+
+
+def _read_local(path: str, want: int) -> bytes:
+    """Up to `want` bytes of a regular file; a fifo or device (which could block or never end) is refused
+    without waiting on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a fifo opens without waiting for a writer
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FetchError(f"{path}: not a regular file")
+            return read_at_most(f, want)
+    except FetchError:
+        raise
+    except OSError as e:
+        raise FetchError(f"{path}: {e.strerror or e}") from None
 
 
 def _curl_argv(url: str, limits: FetchLimits) -> list[str]:

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 FORMAT = "cloze-shards"
 FORMAT_VERSION = 1
@@ -25,6 +25,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)
 They are joined onto the dataset's folder, URL or pipe: command, so nothing in them may mean anything to a shell,
 a URL parser or a path lookup."""
 MAX_NAME_CHARS = 255
+MAX_META_BYTES = 64 * 1024 * 1024
+"""Largest manifest.json or tokenizer file cloze reads (a prepared one is a few KB and about a MB)."""
 
 
 def check_name(name: str, what: str) -> str:
@@ -113,8 +115,9 @@ class Manifest:
     def tokenizer_path(self) -> Path:
         """The SentencePiece model file (root / tokenizer_relpath); the HF tokenizer files sit beside it.
 
-        ValueError when the file, its folder or a symlink in that folder resolves outside root: the folder is
-        copied into every checkpoint, so a manifest must not be able to make that copy read files from elsewhere."""
+        ValueError when the file, its folder or a symlink in that folder resolves outside root (the folder is
+        copied into every checkpoint, so a manifest must not be able to make that copy read files from elsewhere),
+        or when the file is larger than MAX_META_BYTES."""
         path = self.root / self.tokenizer_relpath
         inside = os.path.realpath(self.root)
         self._check_inside(path.parent, path, inside)
@@ -123,6 +126,9 @@ class Manifest:
             for name in dirs + files:
                 if os.path.islink(os.path.join(folder, name)):
                     self._check_inside(Path(folder, name), path, inside)
+        if path.is_file() and path.stat().st_size > MAX_META_BYTES:
+            raise ValueError(f"tokenizer {path} named by {self.root / MANIFEST_NAME} is larger than "
+                             f"{MAX_META_BYTES >> 20} MiB, not a tokenizer cloze wrote; {_RERUN}")
         return path
 
     def _check_inside(self, link: Path, path: Path, inside: str) -> None:
@@ -168,6 +174,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_at_most(f: BinaryIO, want: int) -> bytes:
+    """Up to `want` bytes of f, read in chunks: memory follows what the file holds, not what was asked for
+    (f.read(want) would allocate `want` bytes up front)."""
+    data = bytearray()
+    while len(data) < want and (chunk := f.read(min(1 << 20, want - len(data)))):
+        data += chunk
+    return bytes(data)
+
+
 def _get(obj: Any, key: str, kind: type | tuple[type, ...], where: str, path: Path | str) -> Any:
     """obj[key] checked for presence and type; errors name the field as `where.key`."""
     name = f"{where}.{key}" if where else key
@@ -193,8 +208,11 @@ def load_manifest(dir_or_file: str | os.PathLike, verify_hashes: bool = False, c
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise ValueError(f"manifest {path} not found; run `python -m launch.prepare --out {path.parent} ...` first")
+    if path.stat().st_size > MAX_META_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_META_BYTES >> 20} MiB, not a manifest cloze wrote; {_RERUN}")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            text = read_at_most(f, MAX_META_BYTES + 1).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); {_RERUN}") from None
     manifest = parse_manifest(text, str(path), root=path.parent)
