@@ -226,8 +226,9 @@ def _kill(proc: subprocess.Popen) -> None:
             stream.close()
 
 
-_CURL_EXITS = {6: "host not found", 7: "could not connect", 22: "HTTP error, e.g. 404 not found", 28: "timed out",
-               35: "TLS handshake failed", 56: "connection reset", 63: "larger than allowed"}
+_CURL_EXITS = {1: "protocol not allowed", 6: "host not found", 7: "could not connect",
+               22: "HTTP error, e.g. 404 not found", 28: "timed out", 35: "TLS handshake failed",
+               56: "connection reset"}
 
 
 def _failure(program: str, status: int, stderr: bytes) -> str:

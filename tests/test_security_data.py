@@ -6,6 +6,7 @@ one clear error, or a counted skip under on_bad_data='skip'; the marker file a p
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import os
@@ -245,6 +246,14 @@ def test_shard_declared_huge_is_a_size_skip_never_a_memory_error(data, source):
     assert skipping.stats()["skipped_shards/size"] >= 1 and peak < 16
 
 
+def test_tokenizer_file_over_the_cap_is_refused(data):
+    tok = data / "tokenizer" / "spm.model"
+    with open(tok, "r+b") as f:
+        f.truncate(MAX_META_BYTES + 1)  # sparse: costs no disk
+    with pytest.raises(ValueError, match=f"spm.model named by .*manifest.json is larger than {MAX_META_BYTES >> 20}"):
+        load(str(data))
+
+
 def test_local_files_that_could_block_or_never_end(data):
     shard = data / "shard-000000.tar"
     shard.unlink()
@@ -333,6 +342,31 @@ def test_server_that_never_ends_fails_at_the_size_cap(server):
         Location(server.url, FetchLimits(stall_s=5, deadline_s=30)).manifest()
     assert server.url + "/manifest.json" in single_line(e.value)
     assert time.monotonic() - start < 30
+
+
+def test_redirect_to_a_local_file_is_not_followed(tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"file://{secret}")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/web"
+        with pytest.raises(ValueError, match="cannot read the manifest.*curl exited with status 1: protocol") as e:
+            Location(url, FAST).manifest()
+        assert url + "/manifest.json" in single_line(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_endless_pipe_fails_at_the_size_cap():
