@@ -84,10 +84,11 @@ class LoaderConfig:
     timeout_s: float = 1800.0
     """Longest wait for one batch from a worker before giving up with an error (0: wait forever)."""
     read_stall_s: float = 30.0
-    """A remote read (http(s), pipe:) that receives nothing for this long is stopped: the file counts as missing."""
+    """A remote read (http(s), pipe:) that receives nothing for this long is stopped: a shard then counts as
+    missing (on_bad_data decides), a manifest or tokenizer is an error."""
     read_timeout_s: float = 300.0
-    """A remote read of one file (a shard, the manifest, the tokenizer) not finished after this long is stopped:
-    the file counts as missing."""
+    """A remote read of one file (a shard, the manifest, the tokenizer) not finished after this long is stopped,
+    with the same consequences."""
     labels: list[str] = field(default_factory=list)
     """Filled in: one unique short name per source (its folder's or URL's last component)."""
 

@@ -2,7 +2,7 @@
 
 A shard is fetched whole (local file, http(s), pipe:), checked against the manifest (size, then sha256) before
 any of its samples is used, then parsed as a plain, uncompressed tar (a gzip/bz2/xz shard is not a tar, so it can
-never expand in memory) in which no member may be larger than the shard itself (a sparse member could). A shard
+never expand in memory) whose members may not claim more bytes in all than the shard holds (sparse ones could). A shard
 the manifest declares larger than MAX_SHARD_BYTES is never fetched. Only members named `<key>.ids` are ever
 interpreted, and only as little-endian integers: no decoder runs, so a `.pickle`, `.pyd`, `.pth` or `.npy`
 member is never unpickled or imported; it is bad data like any other.
@@ -233,17 +233,20 @@ class SourceReader:
 def tar_members(data: bytes) -> list[tuple[str, bytes]]:
     """(name, payload) of every regular member of an uncompressed tar held in memory, in file order; WebDataset's
     `__...__` metadata members are passed over. tarfile.ReadError for anything else: a compressed archive (mode
-    'r|' never decompresses) or a member that claims more bytes than the whole archive (a sparse member's size
-    is the size it would expand to)."""
+    'r|' never decompresses), a sparse member, or members that claim more bytes in all than the archive holds
+    (what a sparse member would expand to): the payloads never take more memory than the shard itself."""
     for magic, kind in _COMPRESSED:
         if data.startswith(magic):
             raise tarfile.ReadError(f"compressed ({kind}); shards are plain tar files")
-    members = []
+    members, claimed = [], 0
     with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
         for info in tar:
-            if info.size > len(data):
+            claimed += info.size
+            if claimed > len(data):
                 raise tarfile.ReadError(f"member {info.name[:100]!r} claims {info.size} bytes, more than the "
                                         f"{len(data)}-byte shard holds")
+            if info.issparse():
+                raise tarfile.ReadError(f"member {info.name[:100]!r} is a sparse file")
             if not info.isreg() or (info.name.startswith("__") and info.name.endswith("__") and "/" not in info.name):
                 continue
             f = tar.extractfile(info)

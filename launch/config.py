@@ -48,10 +48,10 @@ class DataConfig:
     counts in the metrics and the run summary."""
     read_stall_s: float = 30.0
     """A read from an http(s) or pipe: source that receives nothing for this many seconds is stopped (the server
-    or command is dead); the file counts as missing (on_bad_data decides)."""
+    or command is dead): a shard then counts as missing (on_bad_data decides), a manifest or tokenizer is an error."""
     read_timeout_s: float = 300.0
     """A read of one file (shard, manifest, tokenizer) from an http(s) or pipe: source not finished after this many
-    seconds is stopped; the file counts as missing (on_bad_data decides)."""
+    seconds is stopped, with the same consequences."""
 
 
 @dataclass

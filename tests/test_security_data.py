@@ -234,6 +234,35 @@ def test_member_larger_than_its_shard_is_refused(data):
     assert name in single_line(e.value)
 
 
+def _sparse_tar(members: int, expanded: int) -> bytes:
+    """An old-GNU tar of `members` sparse `<key>.ids` members, each storing no byte and expanding to `expanded`
+    zero bytes when extracted."""
+    out = b""
+    for i in range(members):
+        header = bytearray(tarfile.TarInfo(f"{i:010d}.ids").tobuf(format=tarfile.GNU_FORMAT)[:512])
+        header[156:157] = b"S"  # GNU sparse
+        header[124:136] = b"%011o\0" % 0  # bytes stored
+        header[386:398] = b"%011o\0" % (expanded - 1)  # one map entry: an empty extent at the end
+        header[398:410] = b"%011o\0" % 0
+        header[483:495] = b"%011o\0" % expanded  # the size it expands to
+        header[148:156] = b"        "
+        header[148:156] = b"%06o\0 " % sum(header)
+        out += bytes(header)
+    out += bytes(1024)
+    return out + bytes(-len(out) % 10240)
+
+
+def test_sparse_members_never_expand(data):
+    name = rewrite_shard(data, 0, [("x.ids", b"")] * 16, raw_bytes=_sparse_tar(16, 8 << 20))
+
+    def fail():
+        with pytest.raises(BadDataError, match="not a readable tar file") as e:
+            rows_for(load(str(data), seed=1), 200)
+        assert name in single_line(e.value)
+
+    assert _peak_mib(fail) < 16  # 128 MiB of zeros if the members were extracted
+
+
 @pytest.mark.parametrize("source", ["local", "pipe"])
 def test_shard_declared_huge_is_a_size_skip_never_a_memory_error(data, source):
     edit_manifest(data, lambda m: m["shards"][0].update(bytes=10**11))
