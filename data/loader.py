@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.location import Location, same_dataset
-from data.manifest import file_sha256
+from data.location import FetchError, FetchLimits, Location, same_dataset
+from data.manifest import MAX_META_BYTES, Manifest, file_sha256
 from data.partition import PartitionSpec, PartitionStream, epoch_rows, initial_state
 from data.plan import MixSchedule, SourcePlan
 from data.reader import ON_BAD_DATA, BadDataError, Source
@@ -83,6 +83,12 @@ class LoaderConfig:
     """Batches each worker prepares ahead."""
     timeout_s: float = 1800.0
     """Longest wait for one batch from a worker before giving up with an error (0: wait forever)."""
+    read_stall_s: float = 30.0
+    """A remote read (http(s), pipe:) that receives nothing for this long is stopped: a shard then counts as
+    missing (on_bad_data decides), a manifest or tokenizer is an error."""
+    read_timeout_s: float = 300.0
+    """A remote read of one file (a shard, the manifest, the tokenizer) not finished after this long is stopped,
+    with the same consequences."""
     labels: list[str] = field(default_factory=list)
     """Filled in: one unique short name per source (its folder's or URL's last component)."""
 
@@ -108,6 +114,8 @@ class LoaderConfig:
             raise ValueError(f"on_bad_data={self.on_bad_data!r}; choose one of {ON_BAD_DATA}")
         if self.prefetch_batches < 1 or self.timeout_s < 0:
             raise ValueError(f"prefetch_batches={self.prefetch_batches} must be >= 1 and timeout_s >= 0")
+        if not (self.read_stall_s > 0 and self.read_timeout_s > 0):
+            raise ValueError(f"read_stall_s={self.read_stall_s} and read_timeout_s={self.read_timeout_s} must be > 0")
         locations = [Location(spec) for spec, _ in self.sources]
         for i, a in enumerate(locations):
             for b in locations[:i]:
@@ -125,16 +133,11 @@ class LoaderConfig:
 def _open_sources(cfg: LoaderConfig) -> list[Source]:
     """Manifests of every source, checked against each other and against their tokenizer files."""
     sources = []
+    limits = FetchLimits(stall_s=cfg.read_stall_s, deadline_s=cfg.read_timeout_s)
     for i, ((spec, weight), label) in enumerate(zip(cfg.sources, cfg.labels, strict=True)):
-        location = Location(spec)
+        location = Location(spec, limits)
         manifest = location.manifest(check_files=False)
-        if location.is_local:
-            tok = location.folder / manifest.tokenizer_relpath
-            if not tok.is_file():
-                raise ValueError(f"data source {spec!r}: tokenizer {tok} is missing; {_RERUN}")
-            digest = file_sha256(tok)
-        else:
-            digest = hashlib.sha256(location.read(manifest.tokenizer_relpath)).hexdigest()
+        digest = _tokenizer_sha256(location, manifest)
         if digest != manifest.tokenizer_sha256:
             raise ValueError(f"data source {spec!r}: tokenizer {location.url(manifest.tokenizer_relpath)} does not "
                              f"match the tokenizer hash in its manifest (replaced after prepare?); {_RERUN}")
@@ -153,6 +156,24 @@ def _open_sources(cfg: LoaderConfig) -> list[Source]:
         if name not in first.special_ids:
             raise ValueError(f"data source {sources[0].location.spec!r}: manifest special_ids lack {name}; {_RERUN}")
     return sources
+
+
+def _tokenizer_sha256(location: Location, manifest: Manifest) -> str:
+    """The hash of the tokenizer file the manifest names (a remote one read whole, at most MAX_META_BYTES)."""
+    spec = location.spec
+    if location.is_local:
+        tok = manifest.tokenizer_path  # refuses a path or symlink leading outside the dataset
+        if not tok.is_file():
+            raise ValueError(f"data source {spec!r}: tokenizer {tok} is missing; {_RERUN}")
+        return file_sha256(tok)
+    try:
+        raw = location.read(manifest.tokenizer_relpath, limit=MAX_META_BYTES)
+    except FetchError as e:
+        raise ValueError(f"data source {spec!r}: cannot read its tokenizer: {e}") from None
+    if len(raw) > MAX_META_BYTES:
+        raise ValueError(f"data source {spec!r}: tokenizer {location.url(manifest.tokenizer_relpath)} is larger "
+                         f"than {MAX_META_BYTES >> 20} MiB; {_RERUN}")
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _partitions(cfg: LoaderConfig, sources: list[Source]) -> int:
@@ -405,11 +426,14 @@ def build_loader(
     num_workers: int = 0,
     on_bad_data: str = "fail",
     shuffle_documents: bool = True,
+    read_stall_s: float = 30.0,
+    read_timeout_s: float = 300.0,
 ) -> Loader:
     """The trainer's entry point; a single source is [(path, 1.0)]. See LoaderConfig for the arguments."""
     return Loader(LoaderConfig(sources=list(sources), seq_len=seq_len, batch_size=batch_size, rank=rank,
                                world_size=world_size, seed=seed, num_workers=num_workers, on_bad_data=on_bad_data,
-                               shuffle_documents=shuffle_documents))
+                               shuffle_documents=shuffle_documents, read_stall_s=read_stall_s,
+                               read_timeout_s=read_timeout_s))
 
 
 __all__ = ["BadDataError", "Loader", "LoaderConfig", "build_loader"]

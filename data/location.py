@@ -1,31 +1,65 @@
-"""Where a prepared dataset lives, and fetching its files through WebDataset's opener.
+"""Where a prepared dataset lives, and fetching its files with a size bound and, when remote, a deadline.
 
 A source is named by one string:
 - a local folder (or `file://` URL) holding manifest.json and the shards;
 - an `http://` / `https://` base URL: files are fetched from `<url>/manifest.json`, `<url>/shard-000000.tar`, ...;
 - a `pipe:` command with `{}` where the file name goes, e.g. `pipe:aws s3 cp s3://bucket/web/{} -` (any command
-  that writes the file to stdout); WebDataset runs it through the shell, so it must come from a trusted config.
+  that writes the file to stdout); it runs through the shell, so it must come from the user's own config.
 
-Every file is opened with webdataset.gopen, so anything WebDataset opens works, and read whole into memory: a
-shard is hashed before a single sample of it is used.
+Every file is read whole into memory (a shard is hashed before a single sample of it is used), at most limit + 1
+bytes of it. Names come from the manifest, which is not trusted: each must match manifest.NAME_RE, and it reaches
+a pipe: command's shell only through shlex.quote. http(s) files are fetched by curl with an argument list (no
+shell), no decompression and no protocol but http(s), also on redirects. A remote read that sends nothing for
+FetchLimits.stall_s seconds, or has not finished after FetchLimits.deadline_s, is stopped (curl or the pipe:
+command and everything it started are killed) and is a FetchError naming the URL.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import re
-from dataclasses import dataclass
+import selectors
+import shlex
+import signal
+import stat
+import subprocess
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from webdataset.gopen import gopen
-
-from data.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest
+from data.manifest import (
+    MANIFEST_NAME,
+    MAX_META_BYTES,
+    Manifest,
+    check_name,
+    load_manifest,
+    parse_manifest,
+    read_at_most,
+)
 
 REMOTE_PREFIXES = ("http://", "https://", "pipe:")
+_CHUNK = 1 << 20
+_STDERR_KEEP = 2000  # bytes of a failing command's stderr kept for its error message
 
 
 class FetchError(OSError):
-    """A file of a dataset could not be read (missing, refused, the command failed); names the file's URL."""
+    """A file of a dataset could not be read (missing, refused, stalled, too slow, the command failed); names the
+    file's URL."""
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """Time bounds of remote reads (http(s) and pipe: sources); local files have none."""
+
+    stall_s: float = 30.0
+    """A read that receives no byte for this long is stopped (a dead server, a hung command)."""
+    deadline_s: float = 300.0
+    """A read of one file (a shard, the manifest, the tokenizer) that has not finished after this long is
+    stopped, however slowly bytes still arrive."""
+
+    def __post_init__(self) -> None:
+        if not (self.stall_s > 0 and self.deadline_s > 0):
+            raise ValueError(f"read stall timeout {self.stall_s} s and read deadline {self.deadline_s} s must be > 0")
 
 
 @dataclass(frozen=True)
@@ -34,6 +68,8 @@ class Location:
 
     spec: str
     """The string the user gave (path, URL or pipe: template)."""
+    limits: FetchLimits = field(default_factory=FetchLimits, compare=False)
+    """Stall timeout and deadline of remote reads."""
 
     def __post_init__(self) -> None:
         if not self.spec:
@@ -65,69 +101,143 @@ class Location:
         return tail or "data"
 
     def url(self, relpath: str) -> str:
-        """What gopen opens for a file of this dataset (a local path for local sources)."""
+        """What is read for a file of this dataset: a local path, a URL, or the shell command (the name quoted)."""
+        check_name(relpath, "file name")
         if self.is_local:
             return str(self.folder / relpath)
         if self.spec.startswith("pipe:"):
-            return self.spec.replace("{}", relpath)
+            return "pipe:" + self.spec[len("pipe:"):].replace("{}", shlex.quote(relpath))
         return self.spec.rstrip("/") + "/" + relpath
 
-    def read(self, relpath: str, limit: int | None = None) -> bytes:
-        """The whole file, or its first limit + 1 bytes when it is longer than limit (so a shard that is too big
-        is found without holding all of it); FetchError (naming the URL) when it cannot be had."""
+    def read(self, relpath: str, limit: int) -> bytes:
+        """The whole file, or its first limit + 1 bytes when it is longer than limit (so a file that is too big
+        is found without holding all of it); FetchError (naming the URL) when it cannot be had in time."""
         url = self.url(relpath)
-        want = -1 if limit is None else limit + 1
         if self.is_local:
-            try:
-                with open(url, "rb") as f:
-                    return f.read(want)
-            except OSError as e:
-                raise FetchError(f"{url}: {e.strerror or e}") from None
-        stream = None
-        try:
-            stream = gopen(url, "rb")
-            data = stream.read(want)
-            stream.close()  # a pipe's exit status (curl's 22 for an HTTP error) is checked here
-            stream = None
-        except (OSError, ValueError) as e:
-            raise FetchError(f"{url}: {_first_line(e)}") from None
-        finally:
-            if stream is not None:
-                try:
-                    stream.close()
-                except Exception:  # noqa: BLE001 - already failing; the first error is the one reported
-                    pass
-        return data
+            return _read_local(url, limit + 1)
+        if url.startswith("pipe:"):
+            argv = ["/bin/sh", "-c", url[len("pipe:"):]]
+        else:
+            argv = _curl_argv(url, self.limits)
+        return _read_command(argv, url, limit + 1, self.limits)
 
     def manifest(self, check_files: bool = True) -> Manifest:
         """The dataset's manifest. Local: load_manifest (file checks unless check_files=False); remote: fetched
-        and parsed, its shards are verified one by one as they are read."""
+        (at most MAX_META_BYTES) and parsed, its shards are verified one by one as they are read."""
         if self.is_local:
             return load_manifest(self.folder, check_files=check_files)
+        where = self.url(MANIFEST_NAME)
         try:
-            text = self.read(MANIFEST_NAME).decode("utf-8")
+            raw = self.read(MANIFEST_NAME, limit=MAX_META_BYTES)
         except FetchError as e:
             raise ValueError(f"cannot read the manifest of data source {self.spec!r}: {e}; check the URL "
                              "(the folder given to launch.prepare --out must be served as is)") from None
+        if len(raw) > MAX_META_BYTES:
+            raise ValueError(f"{where}: larger than {MAX_META_BYTES >> 20} MiB, not a manifest cloze wrote")
+        try:
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{self.url(MANIFEST_NAME)}: not valid JSON ({e})") from None
-        return parse_manifest(text, self.url(MANIFEST_NAME))
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
+        return parse_manifest(text, where)
 
 
-_CURL_EXITS = {6: "host not found", 7: "could not connect", 22: "HTTP error, e.g. 404 not found", 28: "timed out",
-               35: "TLS handshake failed", 56: "connection reset"}
+def _read_local(path: str, want: int) -> bytes:
+    """Up to `want` bytes of a regular file; a fifo or device (which could block or never end) is refused
+    without waiting on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a fifo opens without waiting for a writer
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FetchError(f"{path}: not a regular file")
+            return read_at_most(f, want)
+    except FetchError:
+        raise
+    except OSError as e:
+        raise FetchError(f"{path}: {e.strerror or e}") from None
 
 
-def _first_line(e: BaseException) -> str:
-    """A short reason; WebDataset's pipe errors carry the whole argument tuple, reduced here to the exit status."""
-    text = str(e).strip() or type(e).__name__
-    status = re.search(r"\bexit (\d+) \(read\)", text)
-    if status:
-        code = int(status[1])
-        tool = "curl" if "'curl'" in text else "the command"
-        hint = f": {_CURL_EXITS[code]}" if tool == "curl" and code in _CURL_EXITS else ""
-        return f"{tool} exited with status {code}{hint}"
-    return text.splitlines()[0][:300]
+def _curl_argv(url: str, limits: FetchLimits) -> list[str]:
+    """curl reading url to stdout: fail on HTTP errors, no URL globbing, http(s) only (redirects too), no
+    decompression (no --compressed), and its own stall and time limits (the caller enforces them as well)."""
+    # a second past the caller's own limits, so that the caller's clearer message is the one normally seen
+    stall, deadline = str(math.ceil(limits.stall_s) + 1), str(math.ceil(limits.deadline_s) + 1)
+    return ["curl", "--silent", "--show-error", "--fail", "--globoff", "--location", "--max-redirs", "5",
+            "--proto", "=http,https", "--proto-redir", "=http,https", "--connect-timeout", stall,
+            "--speed-limit", "1", "--speed-time", stall, "--max-time", deadline, "--retry", "2", "--retry-delay", "1",
+            "--", url]
+
+
+def _read_command(argv: list[str], url: str, want: int, limits: FetchLimits) -> bytes:
+    """Up to `want` bytes of argv's stdout. The command runs in a session of its own, so that when it stalls,
+    overruns the deadline or has given enough, it is killed with everything it started."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    except OSError as e:
+        raise FetchError(f"{url}: cannot run {argv[0]} ({e.strerror or e})") from None
+    assert proc.stdout is not None and proc.stderr is not None
+    data, err = bytearray(), bytearray()
+    start = last = time.monotonic()
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            sel.register(proc.stderr, selectors.EVENT_READ)
+            while sel.get_map() and len(data) < want:
+                now = time.monotonic()
+                if now - start >= limits.deadline_s:
+                    raise FetchError(f"{url}: not finished after {limits.deadline_s:g} s (the read deadline; "
+                                     f"{len(data)} bytes received)")
+                if now - last >= limits.stall_s:
+                    raise FetchError(f"{url}: no data for {limits.stall_s:g} s (the server or command stalled; "
+                                     f"{len(data)} bytes received)")
+                wait = min(start + limits.deadline_s, last + limits.stall_s) - now
+                for key, _ in sel.select(wait):
+                    chunk = os.read(key.fd, _CHUNK if key.fileobj is proc.stdout else 4096)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                    elif key.fileobj is proc.stdout:
+                        data += chunk
+                        last = time.monotonic()
+                    else:
+                        err = (err + chunk)[-_STDERR_KEEP:]
+        if len(data) >= want:  # enough to know the file is too long; the rest is never read
+            return bytes(data[:want])
+        status = proc.wait(max(0.1, start + limits.deadline_s - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise FetchError(f"{url}: not finished after {limits.deadline_s:g} s (the read deadline)") from None
+    finally:
+        _kill(proc)
+    if status != 0:
+        raise FetchError(f"{url}: {_failure(argv[0], status, err)}")
+    return bytes(data)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Stop a command still running, with its whole session (a pipe: shell's children included); close its pipes.
+    (Only while it runs: once reaped, its process group id is no longer known to be its own.)"""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+_CURL_EXITS = {1: "protocol not allowed", 6: "host not found", 7: "could not connect",
+               22: "HTTP error, e.g. 404 not found", 28: "timed out", 35: "TLS handshake failed",
+               56: "connection reset"}
+
+
+def _failure(program: str, status: int, stderr: bytes) -> str:
+    """A short reason: the exit status, curl's meaning of it, and the command's last stderr line."""
+    tool = "curl" if program == "curl" else "the command"
+    hint = f": {_CURL_EXITS[status]}" if tool == "curl" and status in _CURL_EXITS else ""
+    lines = stderr.decode("utf-8", errors="replace").strip().splitlines()
+    said = f" ({lines[-1].strip()[:300]})" if lines else ""
+    return f"{tool} exited with status {status}{hint}{said}"
 
 
 def same_dataset(a: Location, b: Location) -> bool:

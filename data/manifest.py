@@ -9,15 +9,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 FORMAT = "cloze-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ID_DTYPES = ("uint16", "uint32")
 _RERUN = "re-run `python -m launch.prepare` to rebuild the dataset"
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+"""Every file name a manifest gives (shards, tokenizer): a relative path of parts made of letters, digits, '.',
+'_' and '-', none starting with '.' or '-' (so no '.' or '..' part, nothing a command could take for an option).
+They are joined onto the dataset's folder, URL or pipe: command, so nothing in them may mean anything to a shell,
+a URL parser or a path lookup."""
+MAX_NAME_CHARS = 255
+MAX_META_BYTES = 64 * 1024 * 1024
+"""Largest manifest.json or tokenizer file cloze reads (a prepared one is a few KB and about a MB)."""
+
+
+def check_name(name: str, what: str) -> str:
+    """name when it is a plain relative path inside the dataset (NAME_RE), else ValueError naming it; `what` says
+    which field it came from."""
+    if len(name) > MAX_NAME_CHARS or not NAME_RE.fullmatch(name):
+        raise ValueError(f"{what} {name[:MAX_NAME_CHARS]!r} is not a plain relative path inside the dataset (only "
+                         "letters, digits, '.', '_', '-', and '/' between names; no name may start with '.' or '-')")
+    return name
 
 
 @dataclass(frozen=True)
@@ -38,10 +56,7 @@ class ShardInfo:
     def __post_init__(self) -> None:
         if self.samples < 0 or self.tokens < 0 or self.bytes <= 0:
             raise ValueError(f"shard {self.file}: negative counts or empty file in the manifest")
-        parts = self.file.replace("\\", "/").split("/")
-        # shard names are joined onto the dataset's folder or URL: they must stay inside it
-        if not self.file or self.file.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"shard file name {self.file!r} must be a plain relative path inside the dataset")
+        check_name(self.file, "shard file name")
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ValueError(f"shard {self.file}: sha256 {self.sha256[:80]!r} is not 64 lowercase hex digits")
 
@@ -55,7 +70,8 @@ class Manifest:
     vocab_size: int
     """Every id is below this."""
     tokenizer_relpath: str
-    """SentencePiece model, relative to root (the manifest's tokenizer.path)."""
+    """SentencePiece model, relative to root (the manifest's tokenizer.path), in a subfolder of its own: the
+    trainer copies that folder into every checkpoint."""
     tokenizer_sha256: str
     """Hex SHA-256 of that model file."""
     special_ids: dict[str, int]
@@ -76,6 +92,10 @@ class Manifest:
     """Folder of manifest.json; shard and tokenizer paths are relative to it (for a remote dataset: unused)."""
 
     def __post_init__(self) -> None:
+        check_name(self.tokenizer_relpath, "tokenizer.path")
+        if "/" not in self.tokenizer_relpath:
+            raise ValueError(f"tokenizer.path {self.tokenizer_relpath!r} must lie in a subfolder of the dataset "
+                             "(launch.prepare writes tokenizer/spm.model): its folder is copied into every checkpoint")
         if self.id_dtype not in ID_DTYPES:
             raise ValueError(f"id_dtype={self.id_dtype!r} must be one of {ID_DTYPES}")
         if self.vocab_size < 1 or (self.id_dtype == "uint16" and self.vocab_size > 2**16):
@@ -93,8 +113,29 @@ class Manifest:
 
     @property
     def tokenizer_path(self) -> Path:
-        """The SentencePiece model file (root / tokenizer_relpath); the HF tokenizer files sit beside it."""
-        return self.root / self.tokenizer_relpath
+        """The SentencePiece model file (root / tokenizer_relpath); the HF tokenizer files sit beside it.
+
+        ValueError when the file, its folder or a symlink in that folder resolves outside root (the folder is
+        copied into every checkpoint, so a manifest must not be able to make that copy read files from elsewhere),
+        or when the file is larger than MAX_META_BYTES."""
+        path = self.root / self.tokenizer_relpath
+        inside = os.path.realpath(self.root)
+        self._check_inside(path.parent, path, inside)
+        self._check_inside(path, path, inside)
+        for folder, dirs, files in os.walk(path.parent):  # what copying the folder would read (walk follows none)
+            for name in dirs + files:
+                if os.path.islink(os.path.join(folder, name)):
+                    self._check_inside(Path(folder, name), path, inside)
+        if path.is_file() and path.stat().st_size > MAX_META_BYTES:
+            raise ValueError(f"tokenizer {path} named by {self.root / MANIFEST_NAME} is larger than "
+                             f"{MAX_META_BYTES >> 20} MiB, not a tokenizer cloze wrote; {_RERUN}")
+        return path
+
+    def _check_inside(self, link: Path, path: Path, inside: str) -> None:
+        real = os.path.realpath(link)
+        if os.path.commonpath([inside, real]) != inside:
+            raise ValueError(f"tokenizer {path} named by {self.root / MANIFEST_NAME}: {link} resolves to {real}, "
+                             f"outside the dataset folder {inside}; {_RERUN}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -133,6 +174,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_at_most(f: BinaryIO, want: int) -> bytes:
+    """Up to `want` bytes of f, read in chunks: memory follows what the file holds, not what was asked for
+    (f.read(want) would allocate `want` bytes up front)."""
+    data = bytearray()
+    while len(data) < want and (chunk := f.read(min(1 << 20, want - len(data)))):
+        data += chunk
+    return bytes(data)
+
+
 def _get(obj: Any, key: str, kind: type | tuple[type, ...], where: str, path: Path | str) -> Any:
     """obj[key] checked for presence and type; errors name the field as `where.key`."""
     name = f"{where}.{key}" if where else key
@@ -158,8 +208,11 @@ def load_manifest(dir_or_file: str | os.PathLike, verify_hashes: bool = False, c
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise ValueError(f"manifest {path} not found; run `python -m launch.prepare --out {path.parent} ...` first")
+    if path.stat().st_size > MAX_META_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_META_BYTES >> 20} MiB, not a manifest cloze wrote; {_RERUN}")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            text = read_at_most(f, MAX_META_BYTES + 1).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); {_RERUN}") from None
     manifest = parse_manifest(text, str(path), root=path.parent)

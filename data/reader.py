@@ -1,13 +1,16 @@
 """Reading one source's shards for one partition, verified, under the on_bad_data policy.
 
 A shard is fetched whole (local file, http(s), pipe:), checked against the manifest (size, then sha256) before
-any of its samples is used, then parsed with WebDataset's tar iterator. Only members named `<key>.ids` are ever
+any of its samples is used, then parsed as a plain, uncompressed tar (a gzip/bz2/xz shard is not a tar, so it can
+never expand in memory) whose members may not claim more bytes in all than the shard holds (sparse ones could). A shard
+the manifest declares larger than MAX_SHARD_BYTES is never fetched. Only members named `<key>.ids` are ever
 interpreted, and only as little-endian integers: no decoder runs, so a `.pickle`, `.pyd`, `.pth` or `.npy`
 member is never unpickled or imported; it is bad data like any other.
 
 Bad data and the policy:
-- shard level: `missing` (cannot be fetched), `size`, `sha256`, `not_tar` (the tar cannot be parsed),
-  `count` (a different number of members than the manifest lists);
+- shard level: `missing` (cannot be fetched in time), `size` (also: declared above MAX_SHARD_BYTES), `sha256`,
+  `not_tar` (the tar cannot be parsed, or is compressed), `count` (another number of members than the manifest
+  lists);
 - sample level: `member` (not `<key>.ids`), `length` (not a whole number of ids), `vocab` (an id >= vocab size).
 With on_bad_data='fail' the first one raises BadDataError naming the shard (and the sample key); with 'skip' it
 is left out, counted under `skipped_shards/<reason>` or `skipped_samples/<reason>` and logged. If a whole epoch of
@@ -30,17 +33,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from webdataset.tariterators import tar_file_iterator
 
 from data.location import FetchError, Location
 from data.manifest import Manifest
 from data.plan import SourcePlan
+from data.shards import MAX_SHARD_BYTES
 
 ON_BAD_DATA = ("fail", "skip")
 SHARD_REASONS = ("missing", "size", "sha256", "not_tar", "count")
 SAMPLE_REASONS = ("member", "length", "vocab")
 _MEMBER_RE = re.compile(r"^(?P<key>[^/]+)\.ids$")
 _RERUN = "re-run `python -m launch.prepare` to rebuild the dataset, or set on_bad_data='skip' to leave it out"
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+"""Magic numbers of compressed files, named in the error for a shard that starts with one."""
 _SAMPLE_WARNINGS = 5  # per reader; later skipped samples are only counted
 log = logging.getLogger("cloze.data")
 
@@ -167,6 +172,10 @@ class SourceReader:
         """The shard's (member name, payload) list, or None when it is skipped as bad."""
         info = self.source.manifest.shards[index]
         self._opened(info.file)
+        if info.bytes > MAX_SHARD_BYTES:  # read whole into memory: refuse before fetching a byte
+            self._bad_shard(index, "size", f"the manifest says {info.bytes} bytes, more than the largest shard cloze "
+                                           f"reads ({MAX_SHARD_BYTES} bytes; launch.prepare --shard-bytes)")
+            return None
         try:
             data = self.source.location.read(info.file, limit=info.bytes)
         except FetchError as e:
@@ -180,9 +189,9 @@ class SourceReader:
             self._bad_shard(index, "sha256", "content differs from the manifest's sha256 (corrupted or replaced?)")
             return None
         try:
-            members = [(m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(data), skip_meta=None)]
+            members = tar_members(data)
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            self._bad_shard(index, "not_tar", f"not a readable tar file ({str(e).split(' @ ')[0] or type(e).__name__})")
+            self._bad_shard(index, "not_tar", f"not a readable tar file ({str(e) or type(e).__name__})")
             return None
         if len(members) != info.samples:
             self._bad_shard(index, "count", f"{len(members)} members, the manifest lists {info.samples} samples")
@@ -219,3 +228,29 @@ class SourceReader:
             tail = "; further skipped samples are only counted" if self._sample_warnings == _SAMPLE_WARNINGS else ""
             log.warning("skipped %s%s", message, tail)
         return None
+
+
+def tar_members(data: bytes) -> list[tuple[str, bytes]]:
+    """(name, payload) of every regular member of an uncompressed tar held in memory, in file order; WebDataset's
+    `__...__` metadata members are passed over. tarfile.ReadError for anything else: a compressed archive (mode
+    'r|' never decompresses), a sparse member, or members that claim more bytes in all than the archive holds
+    (what a sparse member would expand to): the payloads never take more memory than the shard itself."""
+    for magic, kind in _COMPRESSED:
+        if data.startswith(magic):
+            raise tarfile.ReadError(f"compressed ({kind}); shards are plain tar files")
+    members, claimed = [], 0
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        for info in tar:
+            claimed += info.size
+            if claimed > len(data):
+                raise tarfile.ReadError(f"member {info.name[:100]!r} claims {info.size} bytes, more than the "
+                                        f"{len(data)}-byte shard holds")
+            if info.issparse():
+                raise tarfile.ReadError(f"member {info.name[:100]!r} is a sparse file")
+            if not info.isreg() or (info.name.startswith("__") and info.name.endswith("__") and "/" not in info.name):
+                continue
+            f = tar.extractfile(info)
+            assert f is not None
+            members.append((info.name, f.read()))
+            tar.members = []  # a streamed archive keeps every TarInfo otherwise
+    return members

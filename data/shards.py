@@ -27,6 +27,9 @@ _BLOCK = 512  # tar block: every header and every member's data is padded to it
 _RECORD = 20 * _BLOCK  # tarfile pads the archive to a multiple of this on close
 _END = 2 * _BLOCK  # end-of-archive marker
 DEFAULT_SHARD_BYTES = 64 * 1024 * 1024
+MAX_SHARD_BYTES = 1024 * 1024 * 1024
+"""Largest shard written or read: the loader holds a whole shard in memory (per worker) and refuses a manifest's
+claim of more before fetching anything."""
 
 
 def member_bytes(payload: int) -> int:
@@ -70,6 +73,9 @@ class ShardWriter:
     ):
         if max_bytes < _RECORD:
             raise ValueError(f"shard size limit {max_bytes} bytes is below the minimum tar file size {_RECORD}")
+        if max_bytes > MAX_SHARD_BYTES:
+            raise ValueError(f"shard size limit {max_bytes} bytes is above {MAX_SHARD_BYTES}, the largest shard the "
+                             "loader reads (it holds a whole shard in memory)")
         if max_documents is not None and max_documents < 1:
             raise ValueError(f"max_documents={max_documents} must be >= 1")
         if id_dtype not in ("uint16", "uint32"):

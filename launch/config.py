@@ -189,6 +189,12 @@ class DataConfig:
     on_bad_data: str = "fail"
     """'fail': a corrupt or foreign shard or sample stops the run naming it; 'skip': skip it, count it, report the
     counts in the metrics and the run summary."""
+    read_stall_s: float = 30.0
+    """A read from an http(s) or pipe: source that receives nothing for this many seconds is stopped (the server
+    or command is dead): a shard then counts as missing (on_bad_data decides), a manifest or tokenizer is an error."""
+    read_timeout_s: float = 300.0
+    """A read of one file (shard, manifest, tokenizer) from an http(s) or pipe: source not finished after this many
+    seconds is stopped, with the same consequences."""
 
 
 @dataclass
@@ -533,6 +539,9 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if d.on_bad_data not in ("fail", "skip"):
         p.append(f"data.on_bad_data: must be fail or skip, got {shown(d.on_bad_data)}")
+    for key in ("read_stall_s", "read_timeout_s"):
+        if not getattr(d, key) > 0:
+            p.append(f"data.{key}: must be > 0 seconds, got {shown(getattr(d, key))}")
     for src, w in d.sources.items():
         if not isinstance(src, str):
             p.append(f"data.sources: key {shown(src)} must be a prepared directory, an http(s):// URL or pipe:")

@@ -129,7 +129,8 @@ class Trainer:
         sources = [(k, float(v)) for k, v in d.sources.items()] or [(d.path, 1.0)]
         self.stream = build_loader(sources, seq_len=d.seq_len, batch_size=t.micro_batch_size, rank=self.rank,
                                    world_size=self.world, seed=t.seed, num_workers=d.num_workers,
-                                   on_bad_data=d.on_bad_data)
+                                   on_bad_data=d.on_bad_data, read_stall_s=d.read_stall_s,
+                                   read_timeout_s=d.read_timeout_s)
         if self.stream.manifest.tokenizer_sha256 != self.manifest.tokenizer_sha256:
             raise ConfigError([f"data.sources were prepared with another tokenizer than data.path ({d.path}); "
                                f"prepare every source with `launch.prepare --tokenizer {pre.tokenizer_dir}/spm.model`"])
