@@ -34,6 +34,9 @@ LINE_BREAKS = "\n\r\0\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 """Characters that end a line (for Python's splitlines or a shell) or a C string; no config value or path may hold
 one, as it would split the line of a generated sbatch script it is written into."""
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "every_n")
+"""Values of train.activation_checkpointing."""
+
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = MAX_SHOWN
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 4, 8, 8
@@ -266,6 +269,12 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each encoder layer (fullgraph, static shapes) before training, and with head_loss='fused'
     its per-chunk softmax work; the first steps pay for the compilation."""
+    activation_checkpointing: str = "none"
+    """'none', 'full' (recompute every encoder block in the backward pass instead of keeping its activations) or
+    'every_n' (only blocks i with i % activation_checkpointing_every == 0). Same loss and gradients; the
+    checkpointed blocks run their forward twice per step. `--dry-run` shows the activation memory it saves."""
+    activation_checkpointing_every: int = 2
+    """n of 'every_n' (1 is the same as 'full'); ignored otherwise."""
     head_loss: str = "plain"
     """The decoder's cross entropy: 'plain' (the [N, vocab] logits, then F.cross_entropy on their fp32 copy, all
     kept for backward) or 'fused' (chunked, with the input, weight and bias gradients computed in the forward:
@@ -280,6 +289,11 @@ class TrainConfig:
     """Steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
     """How many checkpoints to keep (oldest deleted after `latest` moves on)."""
+
+    def recompute_every(self) -> int:
+        """activation_checkpointing as the encoder's setting: 0 (none), 1 (full) or n (every_n)."""
+        mode = self.activation_checkpointing
+        return 0 if mode == "none" else 1 if mode == "full" else self.activation_checkpointing_every
 
 
 @dataclass
@@ -523,6 +537,11 @@ def validate(cfg: RunConfig) -> list[str]:
         if getattr(t, key) not in allowed:
             p.append(f"train.{key}: must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
                      f"got {shown(getattr(t, key))}")
+    if t.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        p.append(f"train.activation_checkpointing: must be none, full or every_n, got "
+                 f"{shown(t.activation_checkpointing)}")
+    if t.activation_checkpointing_every < 1:
+        p.append(f"train.activation_checkpointing_every: must be >= 1, got {t.activation_checkpointing_every}")
     if t.zero_stage is not None and t.zero_stage not in (0, 1, 2, 3):
         p.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
     if not Path(t.deepspeed_config).is_file():

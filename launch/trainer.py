@@ -99,6 +99,11 @@ class Trainer:
             head_loss = "plain"
         model = EncoderForPretraining(self.enc_cfg, attn_backend=t.attention_backend, head_loss=head_loss)
         model.init_weights()
+        # Outside any compiled layer: compile_layers below compiles the blocks the checkpoint wrapper calls.
+        model.encoder.set_activation_checkpointing(t.recompute_every())
+        if t.recompute_every():
+            log0(self.rank, f"activation checkpointing: blocks i with i % {t.recompute_every()} == 0 are recomputed "
+                            "in the backward pass")
         if t.compile:
             from model.encoder import compile_layers
             from model.head_loss import compile_chunk

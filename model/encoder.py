@@ -5,7 +5,8 @@ ModernBERT's own; model/hf.py relies on that and checks every key against an exp
 
 The attention kernel is a runtime choice (`attn_backend`, see model/attention.py), not a shape: it is not in
 EncoderConfig and never reaches a checkpoint or an export. `compile_layers` compiles each block in place for
-training with torch.compile.
+training with torch.compile. `set_activation_checkpointing` recomputes chosen blocks in the backward pass instead of
+keeping their activations.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import (
     AttentionMask,
@@ -80,11 +82,29 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def checkpoint_layer(
+    layer: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask | FlexMask
+) -> torch.Tensor:
+    """Run one block keeping only its input for backward; the backward pass runs the block again to rebuild the rest.
+
+    Non-reentrant checkpointing: it works with DeepSpeed ZeRO-3 (whose hooks gather the block's parameters again
+    around the recomputation) and with inputs that need no grad. rope and mask are built once per forward and held
+    by reference (never rebuilt), so the recomputation sees the same ones. The block has no dropout or other
+    randomness, so the recomputed activations equal the first ones exactly. A compiled block (compile_layers) is
+    compiled inside: the checkpoint wraps the compiled call, never the reverse.
+    """
+    return checkpoint(layer, x, rope, mask, use_reentrant=False)
+
+
 class Encoder(nn.Module):
     """Embeddings, num_layers pre-norm blocks with global attention, final LayerNorm.
 
     attn_backend: "sdpa" (default, the dense-mask path), "flex" or "auto"; see model/attention.py. Changeable at
     any time with set_attention_backend; it holds no parameters, so the state dict is the same for all three.
+
+    Activation checkpointing (off by default) is a runtime choice too: set_activation_checkpointing(every) makes
+    training forwards keep only the input of block i, for every i with i % every == 0, and recompute the block in
+    the backward pass. It applies only when training with grad enabled; evaluation and inference never recompute.
     """
 
     def __init__(self, cfg: EncoderConfig, attn_backend: str = "sdpa") -> None:
@@ -94,6 +114,7 @@ class Encoder(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(EncoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = layer_norm(cfg)
+        self.checkpoint_every = 0
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -114,6 +135,17 @@ class Encoder(nn.Module):
     def set_attention_backend(self, name: str) -> None:
         """Switch the attention kernel ("auto", "sdpa", "flex"); ValueError for any other name."""
         self.attn_backend = check_attention_backend(name)
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Checkpoint blocks i with i % every == 0 (1: every block) while training; 0 turns it off."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"activation checkpointing every={every!r} must be an integer >= 0 (0: off, 1: all)")
+        self.checkpoint_every = every
+
+    def checkpointed(self, index: int) -> bool:
+        """Whether block `index` is recomputed in this forward (only a training forward that builds a graph)."""
+        every = self.checkpoint_every
+        return every > 0 and index % every == 0 and self.training and torch.is_grad_enabled()
 
     def forward(
         self,
@@ -151,8 +183,8 @@ class Encoder(nn.Module):
         mask = build(attention, batch, seq_len, device, doc_ids, prefix_len)
         rope = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
         x = self.embeddings(input_ids)
-        for layer in self.layers:
-            x = layer(x, rope, mask)
+        for i, layer in enumerate(self.layers):
+            x = checkpoint_layer(layer, x, rope, mask) if self.checkpointed(i) else layer(x, rope, mask)
         return self.final_norm(x)
 
 
