@@ -4,10 +4,10 @@ Memory per rank follows the ZeRO paper's accounting (Rajbhandari et al. 2020, se
 precision keeps 2 bytes of bf16 weights, 2 of bf16 gradients and K = 12 bytes of optimizer state per parameter
 (fp32 master weight, momentum, variance); fp32 keeps 4 + 4 + 12 under ZeRO 1-3 (DeepSpeed still keeps an fp32
 master partition) and 4 + 4 + 8 at stage 0. Stage 1 partitions the optimizer state over
-the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too. Activations are estimated with the
-per-layer formula of Korthikanti et al. 2022 (no recomputation): B*T*H*34 + 5*B*heads*T^2 bytes at 2-byte
-precision, doubled for fp32. These are estimates: allocator overhead, communication buckets and the CUDA context
-(about 0.5-1 GiB) come on top.
+the data-parallel ranks, stage 2 the gradients too, stage 3 the weights too. Activations are counted tensor by tensor:
+what autograd keeps for backward in one micro-batch (activation_bytes), checked against a measurement of the live
+tensors by bench/activation_memory.py. These are estimates: allocator overhead, communication buckets, transient
+buffers and the CUDA context (about 0.5-1 GiB) come on top.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 from launch.config import RunConfig
+from model.config import EncoderConfig
 
 
 def zero_memory_bytes(params: int, stage: int, world: int, precision: str) -> dict[str, float]:
@@ -28,9 +29,44 @@ def zero_memory_bytes(params: int, stage: int, world: int, precision: str) -> di
     return {"weights": weights, "grads": grads, "optimizer": optim, "total": weights + grads + optim}
 
 
-def activation_bytes(micro: int, seq: int, hidden: int, heads: int, layers: int, precision: str) -> float:
-    per_layer = micro * seq * hidden * 34 + 5 * micro * heads * seq * seq
-    return per_layer * layers * (1 if precision == "bf16" else 2)
+def activation_bytes(enc: EncoderConfig, micro: int, seq: int, precision: str, labelled_fraction: float,
+                     checkpoint_every: int = 0, dense_mask: bool = True, head_loss: str = "plain") -> dict[str, float]:
+    """Bytes one micro-batch (micro rows x seq tokens) keeps for backward, by part; "total" is the estimate.
+
+    Per block, in the model's dtype (b bytes): 11 h + 4 i per token -- the block input and the attention norm's
+    output (h each), the Wqkv output (3 h: v is used as it is, RoPE writes new q and k: 2 h more), the attention
+    output and the Wo input (2 h), the residual before the MLP and the MLP norm's output (2 h), the GeGLU input
+    projection (2 i: it outputs value and gate), the GELU output and the gated product (2 i); plus, in fp32, the
+    two norms' mean and rstd and SDPA's log-sum-exp per head. With a dense mask (sdpa; cloze always passes the
+    rows' document ids) SDPA also keeps the mask as an additive bias of B x T x T in the model's dtype, per block.
+    Block 0 has no attention norm. A checkpointed block keeps only its input (h per token), while the mask it is
+    handed stays alive until backward (B x T x T booleans); backward recomputes one block at a time, so one full
+    block ("recompute") comes on top of what is held. Outside the blocks: the token ids, the embedding and final
+    norms' inputs, RoPE's cos and sin; the head keeps 4 h per labelled position (dense, GELU, norm and decoder
+    inputs) and, plain, the fp32 log-softmax of its logits (4 x vocab per labelled position); fused keeps instead
+    the decoder's fp32 weight and bias gradients (once per micro-batch).
+    """
+    b = 2 if precision == "bf16" else 4
+    h, i, heads, tokens = enc.hidden_size, enc.intermediate_size, enc.num_heads, micro * seq
+    square = micro * seq * seq
+    block = tokens * (b * (11 * h + 4 * i) + 4 * (4 + heads)) + (b * square if dense_mask else 0)
+    first_block = block - tokens * (b * h + 8)  # no attention norm: no output of its own, no mean and rstd
+    every = checkpoint_every
+    checkpointed = [n for n in range(enc.num_layers) if every and n % every == 0]
+    kept = sum(first_block if n == 0 else block for n in range(enc.num_layers) if n not in checkpointed)
+    inputs = len(checkpointed) * tokens * b * h
+    held_mask = square if checkpointed and dense_mask else 0
+    ends = tokens * (8 + 2 * (b * h + 8)) + seq * enc.head_dim * 4
+    labels = labelled_fraction * tokens
+    if head_loss == "fused":
+        head = labels * (4 * b * h + 16 + 8) + 4 * (enc.vocab_size * h + enc.vocab_size)
+    else:
+        head = labels * (4 * b * h + 16 + 8 + 4 * enc.vocab_size)
+    head += tokens  # which positions are labelled
+    held = kept + inputs + held_mask + ends + head
+    recompute = block if checkpointed else 0
+    return {"blocks": kept + inputs, "mask": held_mask, "outside_blocks": ends + head, "held": held,
+            "recompute": recompute, "total": held + recompute}
 
 
 def gib(x: float) -> str:
@@ -39,8 +75,6 @@ def gib(x: float) -> str:
 
 def describe(cfg: RunConfig, world: int, ds_config: dict, vocab_size: int, precision: str,
              labelled_fraction: float) -> str:
-    from model.config import EncoderConfig
-
     enc = EncoderConfig(vocab_size=vocab_size, **cfg.model)
     t, seq = cfg.train, cfg.data.seq_len
     params = enc.num_params(include_head=True)
@@ -60,16 +94,35 @@ def describe(cfg: RunConfig, world: int, ds_config: dict, vocab_size: int, preci
         f"vocab {vocab_size}",
         f"training FLOPs per token: {enc.flops_per_token(seq, labelled_fraction) / 1e6:.1f} MFLOP "
         f"(head on {labelled_fraction:.0%} of positions: the expected labelled share of the objective mix)",
-        f"== estimated memory per rank ({precision}, world {world}; model states + activations of one micro-batch)",
+        f"== estimated memory per rank ({precision}, world {world}; model states + activations of one micro-batch, "
+        f"activation checkpointing {t.activation_checkpointing})",
     ]
-    act = activation_bytes(t.micro_batch_size, seq, enc.hidden_size, enc.num_heads, enc.num_layers, precision)
     chosen = ds_config.get("zero_optimization", {}).get("stage", 0)
+    head_loss = "plain" if chosen == 3 else t.head_loss  # the trainer ignores fused under ZeRO-3
+    dense = t.attention_backend == "sdpa"  # flex ('auto' on a GPU) keeps a small block mask instead
+
+    def acts(every: int) -> dict[str, float]:
+        return activation_bytes(enc, t.micro_batch_size, seq, precision, labelled_fraction, every, dense, head_loss)
+
+    act = acts(t.recompute_every())["total"]
+    lines.append(activation_line("without checkpointing", acts(0)))
+    # Off: show what each setting would save; on: what the chosen one does.
+    options = [1, t.activation_checkpointing_every] if t.recompute_every() == 0 else [t.recompute_every()]
+    for every in dict.fromkeys(options):
+        label = "full" if every == 1 else f"every_n, n={every}"
+        lines.append(activation_line(f"checkpointing {label}", acts(every)))
     for stage in range(4):
         m = zero_memory_bytes(params, stage, world, precision)
         mark = "  <- this run" if stage == chosen else ""
         lines.append(f"ZeRO-{stage}: weights {gib(m['weights'])} + grads {gib(m['grads'])} + optimizer "
                      f"{gib(m['optimizer'])} + activations {gib(act)} = {gib(m['total'] + act)}{mark}")
     return "\n".join(lines)
+
+
+def activation_line(what: str, a: dict[str, float]) -> str:
+    recompute = f" + {gib(a['recompute'])} while a block is recomputed" if a["recompute"] else ""
+    return (f"activations, {what}: {gib(a['held'])} held for backward (blocks {gib(a['blocks'])}, mask held by "
+            f"checkpoints {gib(a['mask'])}, embeddings and head {gib(a['outside_blocks'])}){recompute}")
 
 
 def expected_labelled_fraction(cfg: RunConfig) -> float:
