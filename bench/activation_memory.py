@@ -7,8 +7,9 @@ Measured: every storage an ATen op allocates during the forward of EncoderForPre
 left out), tracked by a TorchDispatchMode and dropped when the storage is freed. "Held" is what is still alive
 once the forward has returned, holding on to the loss only: what autograd and the checkpoints keep for
 backward. "Peak" is the most alive at once during forward and backward, weight gradients included; its formula
-is the held bytes plus one recomputed block (the formula leaves out the weight gradients and backward's
-temporaries). The rows are packed (document ids given), so the sdpa path builds its dense mask, as in training.
+is the held bytes plus one recomputed block, an upper bound when checkpointing (by the time a block is
+recomputed, the blocks after it have freed theirs) that leaves out the weight gradients and backward's
+temporaries. The rows are packed (document ids given), so the sdpa path builds its dense mask, as in training.
 Prints one table: the ratio column is measured / formula for the held bytes; "saved" is held without / held with
 checkpointing.
 """
@@ -66,10 +67,10 @@ class Measured:
 
 
 def measure(cfg: EncoderConfig, micro: int, seq: int, every: int, labelled_fraction: float,
-            backward: bool = True, seed: int = 0) -> Measured:
+            backward: bool = True, seed: int = 0, head_loss: str = "plain") -> Measured:
     """One fp32 training forward (and backward) of a packed micro-batch, checkpointing blocks i % every == 0."""
     torch.manual_seed(seed)
-    model = EncoderForPretraining(cfg)
+    model = EncoderForPretraining(cfg, head_loss=head_loss)
     model.encoder.set_activation_checkpointing(every)
     ids = torch.randint(10, cfg.vocab_size, (micro, seq))
     labelled = torch.zeros(micro * seq, dtype=torch.bool)

@@ -36,15 +36,16 @@ def activation_bytes(enc: EncoderConfig, micro: int, seq: int, precision: str, l
     Per block, in the model's dtype (b bytes): 11 h + 4 i per token -- the block input and the attention norm's
     output (h each), the Wqkv output (3 h: v is used as it is, RoPE writes new q and k: 2 h more), the attention
     output and the Wo input (2 h), the residual before the MLP and the MLP norm's output (2 h), the GeGLU input
-    projection (2 i: it outputs value and gate), the GELU output and the gated product (2 i); plus, in fp32, the
-    two norms' mean and rstd and SDPA's log-sum-exp per head. With a dense mask (sdpa; cloze always passes the
-    rows' document ids) SDPA also keeps the mask as an additive bias of B x T x T in the model's dtype, per block.
-    Block 0 has no attention norm. A checkpointed block keeps only its input (h per token), while the mask it is
-    handed stays alive until backward (B x T x T booleans); backward recomputes one block at a time, so one full
-    block ("recompute") comes on top of what is held. Outside the blocks: the token ids, the embedding and final
-    norms' inputs, RoPE's cos and sin; the head keeps 4 h per labelled position (dense, GELU, norm and decoder
-    inputs) and, plain, the fp32 log-softmax of its logits (4 x vocab per labelled position); fused keeps instead
-    the decoder's fp32 weight and bias gradients (once per micro-batch).
+    projection (2 i: it outputs value and gate), the GELU output and the gated product (2 i); plus, in fp32, the two
+    norms' mean and rstd and SDPA's log-sum-exp per head. With a dense mask (sdpa; cloze always passes the rows'
+    document ids) SDPA also keeps the mask as an additive bias of B x T x T in the model's dtype, per block. Block 0
+    has no attention norm. A checkpointed block keeps only its input (h per token), while the mask it is handed
+    stays alive until backward (B x T x T booleans); backward recomputes one block at a time, so one full block
+    ("recompute") comes on top of what is held (an upper bound: the blocks after it have freed theirs). Outside the
+    blocks: the token ids, the embedding and final norms' inputs, RoPE's cos and sin; the head keeps 4 h per
+    labelled position (dense, GELU, norm and decoder inputs) and, plain, the fp32 log-softmax of its logits (4 x
+    vocab per labelled position); fused keeps instead the decoder's fp32 weight and bias gradients (once per
+    micro-batch).
     """
     b = 2 if precision == "bf16" else 4
     h, i, heads, tokens = enc.hidden_size, enc.intermediate_size, enc.num_heads, micro * seq
@@ -121,8 +122,9 @@ def describe(cfg: RunConfig, world: int, ds_config: dict, vocab_size: int, preci
 
 def activation_line(what: str, a: dict[str, float]) -> str:
     recompute = f" + {gib(a['recompute'])} while a block is recomputed" if a["recompute"] else ""
-    return (f"activations, {what}: {gib(a['held'])} held for backward (blocks {gib(a['blocks'])}, mask held by "
-            f"checkpoints {gib(a['mask'])}, embeddings and head {gib(a['outside_blocks'])}){recompute}")
+    mask = f", mask held by the checkpoints {gib(a['mask'])}" if a["mask"] else ""
+    return (f"activations, {what}: {gib(a['held'])} held for backward (blocks {gib(a['blocks'])}{mask}, "
+            f"embeddings and head {gib(a['outside_blocks'])}){recompute}")
 
 
 def expected_labelled_fraction(cfg: RunConfig) -> float:

@@ -85,13 +85,14 @@ class EncoderLayer(nn.Module):
 def checkpoint_layer(
     layer: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask | FlexMask
 ) -> torch.Tensor:
-    """Run one block keeping only its input for backward; the backward pass runs the block again to rebuild the rest.
+    """Run one block keeping only its inputs for backward; the backward pass runs the block again to rebuild the rest.
 
     Non-reentrant checkpointing: it works with DeepSpeed ZeRO-3 (whose hooks gather the block's parameters again
     around the recomputation) and with inputs that need no grad. rope and mask are built once per forward and held
-    by reference (never rebuilt), so the recomputation sees the same ones. The block has no dropout or other
-    randomness, so the recomputed activations equal the first ones exactly. A compiled block (compile_layers) is
-    compiled inside: the checkpoint wraps the compiled call, never the reverse.
+    by reference (never rebuilt), so the recomputation sees the same ones; a dense mask thus stays alive until
+    backward (launch/plan.py counts it). The block has no dropout or other randomness, so the recomputed
+    activations equal the first ones exactly. A compiled block (compile_layers) is compiled inside: the
+    checkpoint wraps the compiled call, never the reverse.
     """
     return checkpoint(layer, x, rope, mask, use_reentrant=False)
 
