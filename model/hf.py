@@ -36,8 +36,9 @@ def hf_config(cfg: EncoderConfig, with_head: bool, dtype: torch.dtype = torch.fl
     global_rope_theta, local_rope_theta, reference_compile=False) make transformers 4.48-4.5x read the same model:
     they used a 1-in-N global pattern, separate thetas and an auto-compiled reference path.
     """
-    layer_types = ["full_attention"] * cfg.num_layers
-    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    layer_types = cfg.layer_types
+    rope = {"rope_type": "default", "rope_theta": float(cfg.global_rope_theta)}
+    local_rope = {"rope_type": "default", "rope_theta": float(cfg.local_rope_theta)}
     return {
         "architectures": ["ModernBertForMaskedLM" if with_head else "ModernBertModel"],
         "model_type": "modernbert",
@@ -64,11 +65,11 @@ def hf_config(cfg: EncoderConfig, with_head: bool, dtype: torch.dtype = torch.fl
         "mlp_bias": False,
         "mlp_dropout": 0.0,
         "layer_types": layer_types,
-        "rope_parameters": {"full_attention": dict(rope), "sliding_attention": dict(rope)},
-        "global_attn_every_n_layers": 1,
-        "global_rope_theta": float(cfg.rope_theta),
-        "local_rope_theta": float(cfg.rope_theta),
-        "local_attention": 128,
+        "rope_parameters": {"full_attention": rope, "sliding_attention": local_rope},
+        "global_attn_every_n_layers": cfg.global_attn_every_n_layers,
+        "global_rope_theta": float(cfg.global_rope_theta),
+        "local_rope_theta": float(cfg.local_rope_theta),
+        "local_attention": cfg.local_attention,
         "reference_compile": False,
         "decoder_bias": True,
         "classifier_activation": "gelu",

@@ -23,7 +23,7 @@ def _cfg() -> EncoderConfig:
     # theta (far from HF's defaults 160000 / 10000) make each of those mistakes move outputs by more than 1e-3
     # (checked by hand: theta 5.1, one local layer 2.8, eps 1e-2 1.0, tanh GELU 1.8e-3).
     return EncoderConfig(vocab_size=300, hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96,
-                         rope_theta=1000.0, norm_eps=1e-6, init_std=0.3, max_position_embeddings=128)
+                         global_rope_theta=1000.0, norm_eps=1e-6, init_std=0.3, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
