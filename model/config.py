@@ -105,7 +105,7 @@ class EncoderConfig:
     @property
     def num_local_layers(self) -> int:
         """How many layers use the sliding window (0 when global_attn_every_n_layers is 1)."""
-        return sum(not self.is_global_layer(i) for i in range(self.num_layers))
+        return self.num_layers - ((self.num_layers - 1) // self.global_attn_every_n_layers + 1)
 
     @property
     def layer_types(self) -> list[str]:
