@@ -560,8 +560,8 @@ def validate(cfg: RunConfig) -> list[str]:
         elif key in reserved:
             p.append(f"model.{key}: set by the data manifest, remove it from the config")
         elif key == LEGACY_ROPE_THETA:
-            p.append(f"model.{key}: renamed to model.global_rope_theta (the RoPE base of the global layers; "
-                     "model.local_rope_theta is the local layers')")
+            p.append(f"model.{key}: renamed to model.global_rope_theta (the global layers' RoPE base; "
+                     "model.local_rope_theta sets the local layers')")
         elif key not in model_fields:
             p.append(f"model.{key}: unknown key{_suggest(key, model_fields)}")
     if not any(x.startswith("model.") for x in p):
