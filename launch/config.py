@@ -500,7 +500,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 def validate(cfg: RunConfig) -> list[str]:
     """Every check that needs only the config and the code (not the data or the world size)."""
     from model.attention import ATTENTION_BACKENDS
-    from model.config import EncoderConfig
+    from model.config import LEGACY_ROPE_THETA, EncoderConfig
     from model.head_loss import HEAD_LOSSES
     from objectives import OBJECTIVES, build_objective
     from objectives.mixer import Mixer
@@ -578,6 +578,9 @@ def validate(cfg: RunConfig) -> list[str]:
             p.append(f"model: key {shown(key)} must be a field name{_suggest('', model_fields)}")
         elif key in reserved:
             p.append(f"model.{key}: set by the data manifest, remove it from the config")
+        elif key == LEGACY_ROPE_THETA:
+            p.append(f"model.{key}: renamed to model.global_rope_theta (the global layers' RoPE base; "
+                     "model.local_rope_theta sets the local layers')")
         elif key not in model_fields:
             p.append(f"model.{key}: unknown key{_suggest(key, model_fields)}")
     if not any(x.startswith("model.") for x in p):

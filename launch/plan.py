@@ -92,7 +92,7 @@ def describe(cfg: RunConfig, world: int, ds_config: dict, vocab_size: int, preci
         "== model",
         f"{params:,} parameters ({enc.num_params(include_embeddings=False):,} without the embedding); "
         f"{enc.num_layers} layers, hidden {enc.hidden_size}, heads {enc.num_heads}, GeGLU {enc.intermediate_size}, "
-        f"vocab {vocab_size}",
+        f"vocab {vocab_size}; {enc.describe_layers()}",
         f"training FLOPs per token: {enc.flops_per_token(seq, labelled_fraction) / 1e6:.1f} MFLOP "
         f"(head on {labelled_fraction:.0%} of positions: the expected labelled share of the objective mix)",
         f"== estimated memory per rank ({precision}, world {world}; model states + activations of one micro-batch, "

@@ -324,6 +324,9 @@ class Trainer:
         positions = (batch.labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # on the host: no device wait
         return {"name": name, "host": batch, "batch": self._to_device(batch), "tokens": rows.numel(), "wait": wait,
                 "pairs": visible_pairs(batch.attention, batch.doc_ids, batch.prefix_len),
+                "local_pairs": visible_pairs(batch.attention, batch.doc_ids, batch.prefix_len,
+                                             window=self.enc_cfg.local_attention)
+                if self.enc_cfg.num_local_layers else None,
                 "positions": self._to_device(positions)}
 
     def _boundary_snapshot(self) -> dict:
@@ -366,7 +369,8 @@ class Trainer:
                     if hook is not None:
                         hook.remove()
                     step_losses[name] = value
-                    flops = self.enc_cfg.useful_flops(current["tokens"], current["pairs"], num_labels)
+                    flops = self.enc_cfg.useful_flops(current["tokens"], current["pairs"], num_labels,
+                                                      current["local_pairs"])
                     self.metrics.micro(name, value, num_labels, num_correct, current["tokens"], current["wait"], flops)
                 else:
                     # Keep DeepSpeed's accumulation counters and every rank's collectives in step: backward a

@@ -1,11 +1,12 @@
 """The encoder, its MLM pretraining head, init, and the Hugging Face (ModernBERT) export mapping. Imports torch
-only (hf.py also uses safetensors to write the export)."""
+only (hf.py also uses safetensors to write the export, and transformers' ModernBertConfig inside its config
+functions)."""
 
 from .attention import ATTENTION_KINDS, AttentionMask, build_attention_mask
 from .config import EncoderConfig
 from .encoder import Encoder
 from .heads import IGNORE_INDEX, EncoderForPretraining, MLMHead, PretrainOutput
-from .hf import from_hf_state_dict, hf_config, save_hf_model, to_hf_state_dict
+from .hf import encoder_config_from_hf, from_hf_state_dict, hf_config, save_hf_model, to_hf_state_dict
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -17,6 +18,7 @@ __all__ = [
     "MLMHead",
     "PretrainOutput",
     "build_attention_mask",
+    "encoder_config_from_hf",
     "from_hf_state_dict",
     "hf_config",
     "save_hf_model",

@@ -17,8 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import (
-    AttentionMask,
-    FlexMask,
+    GlobalLocal,
     SelfAttention,
     build_attention_mask,
     build_block_mask,
@@ -66,19 +65,21 @@ class GeGLU(nn.Module):
 
 class EncoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Layer 0 skips the attention norm because the
-    embedding output is already normalised (ModernBERT does the same, and the HF mapping depends on it)."""
+    embedding output is already normalised (ModernBERT does the same, and the HF mapping depends on it).
+
+    `local` (from EncoderConfig.is_global_layer) picks the sliding-window mask and the local RoPE out of the
+    GlobalLocal pairs every layer receives; it is a constant of the layer, so a compiled layer specialises on it."""
 
     def __init__(self, cfg: EncoderConfig, index: int) -> None:
         super().__init__()
+        self.local = not cfg.is_global_layer(index)
         self.attn_norm = nn.Identity() if index == 0 else layer_norm(cfg)
         self.attn = SelfAttention(cfg)
         self.mlp_norm = layer_norm(cfg)
         self.mlp = GeGLU(cfg)
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask | FlexMask
-    ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask)
+    def forward(self, x: torch.Tensor, rope: GlobalLocal, mask: GlobalLocal) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope.pick(self.local), mask.pick(self.local))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -98,7 +99,8 @@ def checkpoint_layer(
 
 
 class Encoder(nn.Module):
-    """Embeddings, num_layers pre-norm blocks with global attention, final LayerNorm.
+    """Embeddings, num_layers pre-norm blocks (global attention every global_attn_every_n_layers layers, a sliding
+    window of local_attention in the others), final LayerNorm.
 
     attn_backend: "sdpa" (default, the dense-mask path), "flex" or "auto"; see model/attention.py. Changeable at
     any time with set_attention_backend; it holds no parameters, so the state dict is the same for all three.
@@ -161,7 +163,8 @@ class Encoder(nn.Module):
         not an approximation: with the document mask a query only meets keys of its own document, and the RoPE
         score between positions i and j depends only on i - j, so shifting a whole document by an offset leaves
         every score unchanged (up to float rounding of the angles). It also keeps the HF export simple: HF's
-        default position_ids are 0..T-1 too. tests/test_model.py checks packed == separate.
+        default position_ids are 0..T-1 too. tests/test_model.py checks packed == separate. A local layer's window
+        depends on i - j only, so it too is the same for a document wherever it sits in the row.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
@@ -172,7 +175,7 @@ class Encoder(nn.Module):
                 "shorten the rows or raise the config value"
             )
         device = input_ids.device
-        needs_mask = doc_ids is not None or attention == "prefix"
+        needs_mask = doc_ids is not None or attention == "prefix" or self.cfg.num_local_layers > 0
         # Parameters are what make attention's inputs require grad; any() stops at the first trainable one.
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         backend = resolve_attention_backend(self.attn_backend, device, needs_mask, needs_grad)
@@ -180,13 +183,33 @@ class Encoder(nn.Module):
             raise ValueError("attn_backend='flex' in layers compiled by inductor cannot run on CPU: torch's compiled "
                              "CPU flex kernel returned wrong values on an AVX2 machine (model/attention.py); use "
                              "attn_backend='sdpa' or 'auto' on CPU, where flex brings no speed")
-        build = build_block_mask if backend == "flex" else build_attention_mask
-        mask = build(attention, batch, seq_len, device, doc_ids, prefix_len)
-        rope = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
+        mask, rope = self._layer_inputs(backend, attention, batch, seq_len, device, doc_ids, prefix_len)
         x = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):
             x = checkpoint_layer(layer, x, rope, mask) if self.checkpointed(i) else layer(x, rope, mask)
         return self.final_norm(x)
+
+    def _layer_inputs(
+        self,
+        backend: str,
+        attention: str,
+        batch: int,
+        seq_len: int,
+        device: torch.device,
+        doc_ids: torch.Tensor | None,
+        prefix_len: torch.Tensor | None,
+    ) -> tuple[GlobalLocal, GlobalLocal]:
+        """The masks and RoPE tables of the global and the local layers, each built once per forward and shared
+        by all layers of its kind (the local ones only when some layer is local)."""
+        cfg = self.cfg
+        build = build_block_mask if backend == "flex" else build_attention_mask
+        global_mask = build(attention, batch, seq_len, device, doc_ids, prefix_len)
+        global_rope = rotary_cos_sin(seq_len, cfg.head_dim, cfg.global_rope_theta, device)
+        if not cfg.num_local_layers:
+            return GlobalLocal(global_mask, None), GlobalLocal(global_rope, None)
+        local_mask = build(attention, batch, seq_len, device, doc_ids, prefix_len, window=cfg.local_attention)
+        local_rope = rotary_cos_sin(seq_len, cfg.head_dim, cfg.local_rope_theta, device)
+        return GlobalLocal(global_mask, local_mask), GlobalLocal(global_rope, local_rope)
 
 
 def compile_layers(model: nn.Module, fullgraph: bool = True, dynamic: bool | None = False,

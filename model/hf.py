@@ -1,8 +1,11 @@
-"""Export to a stock Hugging Face architecture (ModernBERT): config.json content and the weight-name mapping.
+"""Export to a stock Hugging Face architecture (ModernBERT): config.json content and the weight-name mapping, both
+ways (cloze -> HF for the export, HF -> cloze for continuing pretraining from a Hugging Face folder).
 
-No transformers import here: this module writes plain dicts and safetensors; tests load them with transformers.
-cloze's module names are ModernBERT's, so the mapping is a prefix change, but every key is still checked against
-an explicit list so that a parameter added later fails loudly instead of being dropped from the export.
+config.json is built by transformers' own ModernBertConfig (imported when called, so `import model` stays torch
+only), which fixes the key names and their meaning to the installed transformers. The weights are plain
+safetensors: cloze's module names are ModernBERT's, so the mapping is a prefix change, but every key is still
+checked against an explicit list so that a parameter added later fails loudly instead of being dropped from the
+export.
 """
 
 from __future__ import annotations
@@ -28,56 +31,199 @@ _HEAD_KEYS = {"head.dense.weight": "head.dense.weight", "head.norm.weight": "hea
               "head.decoder.bias": "decoder.bias"}
 _TIED_DECODER = "head.decoder.weight"
 
+LEGACY_HF_KEYS = ("global_attn_every_n_layers", "global_rope_theta", "local_rope_theta")
+"""Keys config.json carries beside those of ModernBertConfig().to_dict(): the layer pattern and the thetas as
+transformers before 5.0 read them (it ignores layer_types and rope_parameters). The installed transformers reads
+them too where layer_types / rope_parameters are absent, and to_dict() keeps global_attn_every_n_layers itself.
+They hold the same values as layer_types and rope_parameters, so every version reads the same model."""
+
+# What cloze's layers are, setting by setting: an HF config asking for anything else describes another model.
+_FIXED_SETTINGS: dict[str, Any] = {
+    "hidden_activation": "gelu",  # GeGLU with exact (erf) GELU
+    "attention_bias": False,
+    "mlp_bias": False,
+    "norm_bias": False,
+    "attention_dropout": 0.0,
+    "embedding_dropout": 0.0,
+    "mlp_dropout": 0.0,
+    "decoder_bias": True,  # the MLM head: dense (no bias), GELU, norm, decoder tied to the embedding with a bias
+    "classifier_activation": "gelu",
+    "classifier_bias": False,
+    "tie_word_embeddings": True,
+}
+_FULL, _SLIDING = "full_attention", "sliding_attention"
+_DEFAULT_PATTERN = 3
+"""The 1-in-n pattern transformers assumes when a config.json names neither layer_types nor
+global_attn_every_n_layers (ModernBertConfig.__post_init__)."""
+
 
 def hf_config(cfg: EncoderConfig, with_head: bool, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """config.json for transformers' ModernBertModel (with_head=False) or ModernBertForMaskedLM (with_head=True).
 
-    Every layer is global ("full_attention") with cloze's rope_theta. The legacy keys (global_attn_every_n_layers,
-    global_rope_theta, local_rope_theta, reference_compile=False) make transformers 4.48-4.5x read the same model:
-    they used a 1-in-N global pattern, separate thetas and an auto-compiled reference path.
+    transformers.ModernBertConfig(...).to_json_string() with cloze's shape: layer_types ("full_attention" where
+    layer i % global_attn_every_n_layers == 0, "sliding_attention" elsewhere), rope_parameters (global_rope_theta
+    for full, local_rope_theta for sliding attention), local_attention (the total window, as cloze means it), no
+    biases, exact GELU, no dropout, the special ids (cls/bos, sep/eos, pad), plus LEGACY_HF_KEYS for transformers
+    before 5.0. The [MASK] id is not a ModernBertConfig setting: the tokenizer files carry it.
     """
-    layer_types = ["full_attention"] * cfg.num_layers
-    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
-    return {
-        "architectures": ["ModernBertForMaskedLM" if with_head else "ModernBertModel"],
-        "model_type": "modernbert",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "hidden_activation": "gelu",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "initializer_range": cfg.init_std,
-        "initializer_cutoff_factor": 2.0,
-        "norm_eps": cfg.norm_eps,
-        "norm_bias": False,
-        "pad_token_id": cfg.pad_token_id,
-        "bos_token_id": cfg.cls_token_id,
-        "eos_token_id": cfg.sep_token_id,
-        "cls_token_id": cfg.cls_token_id,
-        "sep_token_id": cfg.sep_token_id,
-        "mask_token_id": cfg.mask_token_id,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "embedding_dropout": 0.0,
-        "mlp_bias": False,
-        "mlp_dropout": 0.0,
-        "layer_types": layer_types,
-        "rope_parameters": {"full_attention": dict(rope), "sliding_attention": dict(rope)},
-        "global_attn_every_n_layers": 1,
-        "global_rope_theta": float(cfg.rope_theta),
-        "local_rope_theta": float(cfg.rope_theta),
-        "local_attention": 128,
-        "reference_compile": False,
-        "decoder_bias": True,
-        "classifier_activation": "gelu",
-        "classifier_bias": False,
-        "classifier_dropout": 0.0,
-        "sparse_prediction": False,
-        "tie_word_embeddings": True,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
+    from transformers import ModernBertConfig
+
+    rope = {_FULL: {"rope_type": "default", "rope_theta": float(cfg.global_rope_theta)},
+            _SLIDING: {"rope_type": "default", "rope_theta": float(cfg.local_rope_theta)}}
+    config = ModernBertConfig(
+        architectures=["ModernBertForMaskedLM" if with_head else "ModernBertModel"],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.init_std,
+        initializer_cutoff_factor=2.0,
+        norm_eps=cfg.norm_eps,
+        pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.cls_token_id,
+        eos_token_id=cfg.sep_token_id,
+        cls_token_id=cfg.cls_token_id,
+        sep_token_id=cfg.sep_token_id,
+        layer_types=cfg.layer_types,
+        rope_parameters=rope,
+        local_attention=cfg.local_attention,
+        global_attn_every_n_layers=cfg.global_attn_every_n_layers,
+        classifier_dropout=0.0,
+        sparse_prediction=False,
+        dtype=str(dtype).removeprefix("torch."),
+        **_FIXED_SETTINGS,
+    )
+    out = json.loads(config.to_json_string(use_diff=False))
+    out["global_rope_theta"] = float(cfg.global_rope_theta)
+    out["local_rope_theta"] = float(cfg.local_rope_theta)
+    return out
+
+
+def encoder_config_from_hf(
+    config: dict[str, Any], mask_token_id: int | None = None, source: str = "Hugging Face config"
+) -> EncoderConfig:
+    """The EncoderConfig of a Hugging Face ModernBERT config.json (a parsed dict), for continuing pretraining from
+    a Hugging Face folder; the inverse of hf_config.
+
+    A key the dict leaves out means what transformers' ModernBertConfig defaults it to, and the layer pattern and
+    RoPE thetas are read as transformers reads them: layer_types if present, else global_attn_every_n_layers
+    (else 3); rope_parameters if present, else global_rope_theta / local_rope_theta (else 160000 / 10000). An odd
+    local_attention is the even one below it (the window is |q - k| <= local_attention // 2 either way).
+    mask_token_id: the tokenizer's [MASK] id, needed unless the dict has one (exports of older cloze versions do).
+
+    Raises one ValueError naming `source` and every setting cloze's encoder cannot reproduce (biases, dropout, an
+    activation other than exact GELU, a head width other than hidden_size / num_attention_heads, scaled RoPE, a
+    layer pattern that is not global every n layers, an untied decoder, ...).
+    """
+    from transformers import ModernBertConfig
+
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    defaults = ModernBertConfig().to_dict()
+
+    def get(key: str) -> Any:
+        return config.get(key, defaults.get(key))
+
+    problems = []
+    if config.get("model_type") != "modernbert":
+        problems.append(f"model_type={config.get('model_type')!r} (cloze reads 'modernbert' only)")
+    for key, want in _FIXED_SETTINGS.items():
+        got = get(key)
+        if not _same_setting(got, want):
+            problems.append(f"{key}={_shown(got)} (cloze's encoder has {want!r})")
+    layers, hidden, heads = get("num_hidden_layers"), get("hidden_size"), get("num_attention_heads")
+    if "head_dim" in config and config["head_dim"] is not None and (
+            not _is_int(hidden) or not _is_int(heads) or heads <= 0 or config["head_dim"] * heads != hidden):
+        problems.append(f"head_dim={_shown(config['head_dim'])} (cloze's heads are hidden_size / "
+                        "num_attention_heads wide)")
+    every_n = _layer_pattern(config, layers, problems)
+    thetas = _rope_thetas(config, problems)
+    window = get("local_attention")
+    if _is_int(window) and window % 2:
+        window -= 1
+    sliding = config.get("sliding_window")
+    if sliding is not None and (not _is_int(sliding) or not _is_int(window) or window // 2 != sliding):
+        problems.append(f"sliding_window={_shown(sliding)} disagrees with local_attention={_shown(window)} "
+                        "(ModernBERT's sliding_window is local_attention // 2)")
+    mask_id = config.get("mask_token_id", mask_token_id)
+    if mask_id is None:
+        problems.append("no mask_token_id: pass the tokenizer's [MASK] id")
+    if problems:
+        raise ValueError(f"{source}: settings cloze cannot load: " + "; ".join(problems))
+    try:
+        return EncoderConfig(
+            vocab_size=get("vocab_size"), hidden_size=hidden, num_layers=layers, num_heads=heads,
+            intermediate_size=get("intermediate_size"), max_position_embeddings=get("max_position_embeddings"),
+            global_attn_every_n_layers=every_n, local_attention=window, global_rope_theta=thetas[0],
+            local_rope_theta=thetas[1], norm_eps=get("norm_eps"), init_std=get("initializer_range"),
+            pad_token_id=get("pad_token_id"), cls_token_id=get("cls_token_id"), sep_token_id=get("sep_token_id"),
+            mask_token_id=mask_id,
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _same_setting(got: Any, want: Any) -> bool:
+    """got == want with JSON's types: 0 means 0.0, but neither 0 nor "false" means False."""
+    if isinstance(want, float):
+        return isinstance(got, (int, float)) and not isinstance(got, bool) and got == want
+    return type(got) is type(want) and got == want
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A value from a foreign file, cut short for an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _layer_pattern(config: dict[str, Any], layers: Any, problems: list[str]) -> int:
+    """global_attn_every_n_layers of the config's layer pattern (1 when it cannot be read; the problem is noted)."""
+    if not _is_int(layers) or layers <= 0:
+        problems.append(f"num_hidden_layers={_shown(layers)} (a positive integer)")
+        return 1
+    types = config.get("layer_types")
+    if types is None:
+        every_n = config.get("global_attn_every_n_layers", _DEFAULT_PATTERN)
+        if not _is_int(every_n) or every_n <= 0:
+            problems.append(f"global_attn_every_n_layers={_shown(every_n)} (a positive integer)")
+            return 1
+        return every_n
+    if not isinstance(types, list) or len(types) != layers or any(t not in (_FULL, _SLIDING) for t in types):
+        problems.append(f"layer_types={_shown(types)} (one of {_FULL!r} or {_SLIDING!r} per layer, "
+                        f"{layers} in all)")
+        return 1
+    # The config's own global_attn_every_n_layers first: an n past the last layer has equivalent smaller twins.
+    stated = config.get("global_attn_every_n_layers")
+    for every_n in ([stated] if _is_int(stated) and stated > 0 else []) + list(range(1, layers + 1)):
+        if all((t == _FULL) == (i % every_n == 0) for i, t in enumerate(types)):
+            return every_n
+    problems.append(f"layer_types={_shown(types)} (cloze's layers are global every n-th layer from layer 0, "
+                    "sliding-window otherwise)")
+    return 1
+
+
+def _rope_thetas(config: dict[str, Any], problems: list[str]) -> tuple[Any, Any]:
+    """(global, local) RoPE bases, from rope_parameters or the pre-5.0 keys, as transformers reads them."""
+    if config.get("rope_scaling") is not None:
+        problems.append(f"rope_scaling={_shown(config['rope_scaling'])} (cloze's RoPE is unscaled)")
+    params = config.get("rope_parameters") or {}
+    if not isinstance(params, dict) or not set(params) <= {_FULL, _SLIDING}:
+        problems.append(f"rope_parameters={_shown(params)} (cloze reads {{{_FULL!r}: ..., {_SLIDING!r}: ...}})")
+        params = {}
+    thetas = []
+    for kind, legacy, default in ((_FULL, "global_rope_theta", 160000.0), (_SLIDING, "local_rope_theta", 10000.0)):
+        entry = params.get(kind) or {}
+        if not isinstance(entry, dict) or entry.get("rope_type", "default") != "default":
+            problems.append(f"rope_parameters.{kind}={_shown(entry)} (cloze's RoPE is the default, unscaled one)")
+            entry = {}
+        thetas.append(entry.get("rope_theta", config.get(legacy, default)))
+    return thetas[0], thetas[1]
 
 
 def _check_encoder_key(name: str, key: str, source: str) -> None:

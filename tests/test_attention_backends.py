@@ -35,7 +35,7 @@ CASES = [(kind, docs) for kind in ATTENTION_KINDS for docs in (False, True)]
 def _cfg(**kw) -> EncoderConfig:
     # init_std 0.3 makes attention far from uniform, so a masking difference shows well above TOL.
     base = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, init_std=0.3,
-                rope_theta=1000.0, max_position_embeddings=256)
+                global_rope_theta=1000.0, max_position_embeddings=256)
     return EncoderConfig(**{**base, **kw})
 
 

@@ -20,7 +20,7 @@ def _sensitive_cfg(**kw) -> EncoderConfig:
     # A larger init_std than training uses makes attention far from uniform, so a masked-out token changing
     # would move the outputs visibly; at 0.02 a leak could hide under the tolerance.
     base = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, init_std=0.3,
-                rope_theta=1000.0, max_position_embeddings=256)
+                global_rope_theta=1000.0, max_position_embeddings=256)
     return EncoderConfig(**{**base, **kw})
 
 
@@ -217,7 +217,11 @@ def test_bf16_autocast_trains():
     (dict(vocab_size=0), "vocab_size"),
     (dict(hidden_size=100, num_heads=12), "divisible"),
     (dict(hidden_size=36, num_heads=4), "odd"),
-    (dict(rope_theta=0.0), "rope_theta"),
+    (dict(global_rope_theta=0.0), "global_rope_theta"),
+    (dict(local_rope_theta=-1.0), "local_rope_theta"),
+    (dict(global_attn_every_n_layers=0), "global_attn_every_n_layers"),
+    (dict(num_layers=3, global_attn_every_n_layers=3, local_attention=15), "even window"),
+    (dict(num_layers=3, global_attn_every_n_layers=2, local_attention=0), "local_attention"),
     (dict(norm_eps=-1.0), "norm_eps"),
     (dict(num_layers=2.5), "num_layers"),
     (dict(mask_token_id=300), "mask_token_id"),
@@ -232,6 +236,30 @@ def test_config_dict_round_trip_and_unknown_keys():
     assert EncoderConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="hidden"):
         EncoderConfig.from_dict({**cfg.to_dict(), "hidden": 3})
+
+
+def test_config_reads_the_former_rope_theta_as_global_rope_theta():
+    """A run.json written before local layers existed names the one theta rope_theta; every layer was global."""
+    old = {k: v for k, v in _sensitive_cfg().to_dict().items()
+           if k not in ("global_rope_theta", "local_rope_theta", "global_attn_every_n_layers", "local_attention")}
+    cfg = EncoderConfig.from_dict({**old, "rope_theta": 1234.0})
+    assert cfg.global_rope_theta == 1234.0 and cfg.num_local_layers == 0
+    with pytest.raises(ValueError, match="keep global_rope_theta only"):
+        EncoderConfig.from_dict({**cfg.to_dict(), "rope_theta": 1234.0})
+
+
+def test_layer_pattern_is_modernberts():
+    """Layer i is global when i % n == 0, as in transformers' ModernBertConfig; an odd window is refused only when
+    some layer would use it."""
+    cfg = _sensitive_cfg(num_layers=7, global_attn_every_n_layers=3)
+    assert [cfg.is_global_layer(i) for i in range(7)] == [True, False, False, True, False, False, True]
+    assert cfg.num_local_layers == 4
+    assert cfg.layer_types[:3] == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert "global every 3 layers (3 global, 4 local), window 128" in cfg.describe_layers()
+    assert _sensitive_cfg(local_attention=15).num_local_layers == 0  # every layer global: the window is unused
+    assert _sensitive_cfg(num_layers=1, global_attn_every_n_layers=5, local_attention=3).num_local_layers == 0
+    model = Encoder(cfg)
+    assert [layer.local for layer in model.layers] == [not cfg.is_global_layer(i) for i in range(7)]
 
 
 def test_num_params_matches_modules():
