@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import (
+    AttentionMask,
+    FlexMask,
     GlobalLocal,
     SelfAttention,
     build_attention_mask,
