@@ -19,6 +19,7 @@ Our state is JSON, never pickle, so reading a checkpoint cannot run code through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -53,15 +54,18 @@ def fsync_path(path: Path) -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """Flush every file under root, then every directory bottom-up, root last. Each rank runs it after its
-    writes: on a shared file system a rank can only flush what its own node wrote."""
+    """Flush every file under root, then every directory bottom-up, root last. Each rank runs it after its own
+    writes (on a shared file system a rank can only flush what its own node wrote), so every file is flushed at
+    least by its writer; another rank's `.tmp` file may be renamed away meanwhile, and is skipped."""
     dirs = [root]
     for d, subdirs, files in os.walk(root):
         for name in files:
-            fsync_path(Path(d, name))
+            with contextlib.suppress(FileNotFoundError):
+                fsync_path(Path(d, name))
         dirs.extend(Path(d, s) for s in subdirs)
     for d in reversed(dirs):
-        fsync_path(d)
+        with contextlib.suppress(FileNotFoundError):
+            fsync_path(d)
 
 
 def step_of(tag: str) -> int:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -67,6 +68,26 @@ def test_pickle_payload_does_not_run_on_a_world_size_change(two_rank_checkpoint,
     assert not (out / "checkpoints" / "universal" / "step_00000002").exists()
 
 
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_the_conversion_itself_reads_under_the_restricted_unpickler(two_rank_checkpoint, tmp_path):
+    """The converter run by a world-size change, given a tampered file directly (as if it changed after the check
+    that precedes the conversion): the restricted unpickler refuses it, exit 3 and one line."""
+    out, marker = tmp_path / "run", tmp_path / "PWNED"
+    shutil.copytree(two_rank_checkpoint, out)
+    tag_dir = out / "checkpoints" / "step_00000002"
+    torch.save({"optimizer_state_dict": Payload(marker)}, sorted(tag_dir.glob("*optim_states.pt"))[1])
+    proc = run_cli(["launch.resume", "--input_folder", str(tag_dir), "--output_folder", str(tmp_path / "universal")])
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert not marker.exists(), "the payload ran"
+    assert "Traceback" not in proc.stderr and "tampered" in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+
+
 def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -101,9 +122,17 @@ def test_a_live_run_dir_is_refused_and_freed_when_its_holder_dies(tiny_data, tmp
             assert "in use by another cloze run" in errors[0] and str(out) in errors[0], errors[0]
             assert f"host {socket.gethostname()}, pid {holder}, Slurm job 4242" in errors[0], errors[0]
             assert first.poll() is None, "the refused run disturbed the live one"
-        # The node dies: every process of the first run is SIGKILLed, nothing is released by hand.
+        # The node dies: every process of the first run is SIGKILLed (torchrun starts each rank in a session of
+        # its own), nothing is released by hand.
+        ranks = [int((pids / f"rank{r}.pid").read_text()) for r in (0, 1)]
+        for pid in ranks:
+            os.kill(pid, signal.SIGKILL)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
+        deadline = time.time() + 60
+        while any(map(running, ranks)):
+            assert time.time() < deadline, "a SIGKILLed rank is still running"
+            time.sleep(0.2)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
