@@ -82,7 +82,8 @@ def data_differences(saved: dict, current: dict) -> list[str]:
     if saved.get("tokenizer_sha256") != current["tokenizer_sha256"]:
         out.append(f"tokenizer sha256 {str(saved.get('tokenizer_sha256'))[:12]} -> "
                    f"{current['tokenizer_sha256'][:12]}")
-    old, new = saved.get("sources") or [], current["sources"]
+    old, new = saved.get("sources"), current["sources"]
+    old = old if isinstance(old, list) else []  # run.json is read from the checkpoint: take no shape on trust
     if len(old) != len(new):
         out.append(f"{len(old)} data source(s) -> {len(new)}")
     for i, (a, b) in enumerate(zip(old, new)):
@@ -110,17 +111,18 @@ def config_changes(saved: dict, current: dict) -> list[str]:
             if k not in a or k not in b or a[k] != b[k]]
 
 
-def check_same_data(info: dict, identity: dict, where: Path) -> None:
+def check_same_data(info: dict, identity: dict, where: Path) -> bool:
     """Refuse (ValueError, every difference listed) to resume checkpoint `where` on other data than it was trained
-    on. A checkpoint written before the data was recorded is not checked."""
+    on. False when the checkpoint does not record its data (written by an older cloze): nothing to compare."""
     saved = info.get("data_identity")
     if not isinstance(saved, dict):
-        return
+        return False
     diffs = data_differences(saved, identity)
     if diffs:
         raise ValueError(f"refusing to resume {where} on other data than it was trained on: {'; '.join(diffs)}. "
                          f"Point data.path (and data.sources) at the data of that run, or give this run another "
                          f"out_dir to start over")
+    return True
 
 
 # -- the checkpoint's files ----------------------------------------------------------------------------------------
@@ -210,8 +212,9 @@ def plan_resume(ckpt_dir: Path, world: int, rank: int, ds_config: dict, identity
     if tag is None:
         return None
     info = checkpoint.load_run_info(ckpt_dir, tag)
-    if identity is not None:
-        check_same_data(info, identity, ckpt_dir / tag)
+    if identity is not None and not check_same_data(info, identity, ckpt_dir / tag) and rank == 0:
+        print(f"[cloze] warning: {ckpt_dir / tag / 'run.json'} does not record the data it was trained on (an older "
+              f"checkpoint); resuming without comparing it with data.path", file=sys.stderr, flush=True)
     if config is not None and rank == 0:
         for change in config_changes(info.get("config") or {}, config):
             print(f"[cloze] changed since {tag}: {change}", file=sys.stderr, flush=True)

@@ -10,8 +10,13 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launch.cli import run_cli
+
+if TYPE_CHECKING:
+    from data.manifest import Manifest
+    from launch.config import RunConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_intermixed_args(argv)
 
 
-def check_run_dir(cfg, manifest) -> None:
+def check_run_dir(cfg: RunConfig, manifest: Manifest) -> None:
     """Before the ranks start: a live run holding out_dir, or a checkpoint there trained on other data, is one
     error here rather than one per rank. The ranks check both again (rank 0 takes the lock itself)."""
     from launch import checkpoint, runlock
@@ -44,8 +49,11 @@ def check_run_dir(cfg, manifest) -> None:
         sources = [(spec, Location(spec).manifest(check_files=False)) for spec in cfg.data.sources]
     else:
         sources = [(cfg.data.path, manifest)]
-    check_same_data(checkpoint.load_run_info(ckpt_dir, tag), data_identity(manifest.tokenizer_sha256, sources),
-                    ckpt_dir / tag)
+    try:
+        info = checkpoint.load_run_info(ckpt_dir, tag)
+    except (OSError, ValueError):
+        return  # a damaged checkpoint: the ranks report it, naming the file
+    check_same_data(info, data_identity(manifest.tokenizer_sha256, sources), ckpt_dir / tag)
 
 
 def main(argv: list[str] | None = None) -> int:
