@@ -7,6 +7,9 @@ Layout of <out_dir>/checkpoints:
         tokenizer/            the SentencePiece model and HF tokenizer files, so export needs nothing else
     latest                    the tag of the newest complete checkpoint, written last
 
+Every file and directory of a checkpoint is fsynced before `latest` moves, and `latest` itself after: a power
+loss or a node crash cannot leave `latest` naming a checkpoint whose files never reached the disk.
+
 A tag dir newer than `latest` is the remains of an interrupted save (a kill, a full disk): resume ignores it with
 a warning; the next successful save removes it if it is incomplete, and a save of the same step replaces it.
 CLOZE_FAULT_CKPT_KILL=<point>:<step> kills rank 0 inside `save` at one of FAULT_POINTS, so tests can prove this.
@@ -16,6 +19,7 @@ Our state is JSON, never pickle, so reading a checkpoint cannot run code through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,6 +42,30 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush one file or directory (its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under root, then every directory bottom-up, root last. Each rank runs it after its own
+    writes (on a shared file system a rank can only flush what its own node wrote), so every file is flushed at
+    least by its writer; another rank's `.tmp` file may be renamed away meanwhile, and is skipped."""
+    dirs = [root]
+    for d, subdirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                fsync_path(Path(d, name))
+        dirs.extend(Path(d, s) for s in subdirs)
+    for d in reversed(dirs):
+        with contextlib.suppress(FileNotFoundError):
+            fsync_path(d)
 
 
 def step_of(tag: str) -> int:
@@ -153,6 +181,7 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, to
                 shutil.rmtree(dst)
             shutil.copytree(tokenizer_dir, dst)
         _fault("after_state", step)
+        fsync_tree(tag_dir)
     except (OSError, RuntimeError) as e:
         if not _write_error(e):
             raise
@@ -170,9 +199,12 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, to
     dist.barrier()
     if rank == 0:
         _fault("before_latest", step)
+        fsync_path(ckpt_dir)  # the tag directory's own entry
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
+        fsync_path(tmp)
         os.replace(tmp, ckpt_dir / "latest")
+        fsync_path(ckpt_dir)
         prune(ckpt_dir, keep)
     dist.barrier()
     return tag

@@ -9,8 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launch.cli import run_cli
+
+if TYPE_CHECKING:
+    from data.manifest import Manifest
+    from launch.config import RunConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,6 +29,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "memory per rank under ZeRO 0-3, then exit")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50 data.seq_len=256")
     return ap.parse_intermixed_args(argv)
+
+
+def check_run_dir(cfg: RunConfig, manifest: Manifest) -> None:
+    """Before the ranks start: a live run holding out_dir, or a checkpoint there trained on other data, is one
+    error here rather than one per rank. The ranks check both again (rank 0 takes the lock itself)."""
+    from launch import checkpoint, runlock
+    from launch.resume import check_same_data, data_identity
+
+    out = Path(cfg.out_dir)
+    runlock.check_free(out)
+    ckpt_dir = out / "checkpoints"
+    tag = checkpoint.read_latest(ckpt_dir, warn=False) if ckpt_dir.is_dir() else None
+    if tag is None:
+        return
+    if cfg.data.sources:
+        from data.location import Location
+
+        sources = [(spec, Location(spec).manifest(check_files=False)) for spec in cfg.data.sources]
+    else:
+        sources = [(cfg.data.path, manifest)]
+    try:
+        info = checkpoint.load_run_info(ckpt_dir, tag)
+    except (OSError, ValueError):
+        return  # a damaged checkpoint: the ranks report it, naming the file
+    check_same_data(info, data_identity(manifest.tokenizer_sha256, sources), ckpt_dir / tag)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc and "RANK" not in os.environ:
         from launch import localrun
         from launch.dist import env_var, free_port
+
+        check_run_dir(cfg, pre.manifest)
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         # torchrun's launcher runs in this process (it has torch imported already; a separate launcher process

@@ -25,7 +25,8 @@ from launch.metrics import Metrics, fmt_duration
 from launch.optim import build_optimizer, build_scheduler
 from launch.preempt import Preemption
 from launch.preflight import preflight
-from launch.resume import plan_resume
+from launch.resume import data_identity, plan_resume, tampered_message
+from launch.runlock import RunDirLocked, RunLock, acquire
 
 
 class TrainingHalted(RuntimeError):
@@ -83,6 +84,9 @@ class Trainer:
         )
         # Everything above is validation a user can fix; only now start the process group.
         deepspeed.init_distributed(dist_backend="nccl" if has_gpu else "gloo")
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.run_lock = self._lock_run_dir()  # before anything in out_dir is read or written
 
         log0(self.rank, f"world {self.world} ({env.source}), device {self.device.type}, precision {precision}, "
                         f"ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}")
@@ -120,16 +124,6 @@ class Trainer:
                         f"hidden {self.enc_cfg.hidden_size}, vocab {tok.vocab_size}); attention backend "
                         f"{t.attention_backend}" + (" (sdpa on this device)" if t.attention_backend == "auto"
                                                     and not has_gpu else "") + f", head loss {head_loss}")
-        self.out_dir = Path(cfg.out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
-        # Before initialize: a checkpoint from another world size needs DeepSpeed's universal loading switched on.
-        self.resume_plan = plan_resume(self.ckpt_dir, self.world, self.rank, ds_config)
-        optimizer = build_optimizer(model, t)
-        scheduler = build_scheduler(optimizer, t)
-        _import_deepspeed_muon_uncompiled()
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-
         d = cfg.data
         sources = [(k, float(v)) for k, v in d.sources.items()] or [(d.path, 1.0)]
         self.stream = build_loader(sources, seq_len=d.seq_len, batch_size=t.micro_batch_size, rank=self.rank,
@@ -139,6 +133,17 @@ class Trainer:
         if self.stream.manifest.tokenizer_sha256 != self.manifest.tokenizer_sha256:
             raise ConfigError([f"data.sources were prepared with another tokenizer than data.path ({d.path}); "
                                f"prepare every source with `launch.prepare --tokenizer {pre.tokenizer_dir}/spm.model`"])
+        self.data_identity = data_identity(self.manifest.tokenizer_sha256,
+                                           [(spec, src.manifest) for (spec, _), src in zip(sources, self.stream.sources,
+                                                                                           strict=True)])
+        # Before initialize: a checkpoint from another world size needs DeepSpeed's universal loading switched on.
+        self.resume_plan = plan_resume(self.ckpt_dir, self.world, self.rank, ds_config, self.data_identity,
+                                       cfg.to_dict())
+        optimizer = build_optimizer(model, t)
+        scheduler = build_scheduler(optimizer, t)
+        _import_deepspeed_muon_uncompiled()
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.mixer = Mixer(dict(cfg.objectives.mix), seed=t.seed)
         self.objectives = {name: build_objective(name, dict(cfg.objectives.params.get(name) or {}),
                                                  mode_tokens=cfg.objectives.mode_tokens)
@@ -164,12 +169,30 @@ class Trainer:
                                {"config": cfg.to_dict(), "deepspeed": ds_config}, seq_len=cfg.data.seq_len,
                                peak_tflops=t.peak_tflops)
 
+    def _lock_run_dir(self) -> RunLock | None:
+        """Collective: rank 0 locks out_dir for the life of the run (launch/runlock.py); when another run holds
+        it, rank 0 names the holder and every other rank stops with a pointer to that message."""
+        lock, refused = None, ""
+        if self.rank == 0:
+            try:
+                lock = acquire(self.out_dir)
+            except RunDirLocked as e:
+                refused = str(e)
+        flag = torch.tensor([1.0 if refused else 0.0], device=self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if refused:
+            raise RunDirLocked(refused)
+        if flag.item():
+            raise RunDirLocked(f"{self.out_dir} is in use by another run; rank 0's message names it")
+        return lock
+
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _run_info(self) -> dict:
         return {"config": self.cfg.to_dict(), "config_hash": config_hash(self.cfg),
                 "encoder": self.enc_cfg.to_dict(), "world_size": self.world, "zero_stage": self.zero_stage,
                 "step": self.step, "tokens_seen": self.tokens_seen, "hardware": self.hardware,
-                "manifest": str(Path(self.cfg.data.path).resolve())}
+                "manifest": str(Path(self.cfg.data.path).resolve()), "data_identity": self.data_identity}
 
     def _rank_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "rank": self.rank, "world_size": self.world,
@@ -226,9 +249,7 @@ class Trainer:
                 load_path, _ = self.engine.load_checkpoint(str(plan.load_dir), tag=plan.tag)
         except pickle.UnpicklingError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"refusing to load checkpoint {plan.load_dir / plan.tag}: a file holds objects other than "
-                             f"tensors and plain DeepSpeed state ({first[:200]}); it was not written by cloze's "
-                             f"trainer or has been tampered with. Move it away to start over.") from None
+            raise ValueError(tampered_message(plan.load_dir / plan.tag, first)) from None
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load {plan.load_dir / plan.tag}")
         # This rank's own state, or old rank 0's in a reshaped world (step, tokens and mixer agree on every rank).
@@ -451,6 +472,8 @@ class Trainer:
         self.stream.close()
         self.metrics.close()
         self.preempt.restore()
+        if self.run_lock is not None:
+            self.run_lock.release()
 
 
 def run(cfg: RunConfig, env: DistEnv) -> dict:
