@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--downstream-seeds", type=int, nargs="+", default=None,
                     help="fine-tuning seeds of the downstream stage (default: launch.downstream's, 0 1 2)")
     ap.add_argument("--downstream-rows", type=int, nargs=2, metavar=("TRAIN", "EVAL"), default=None,
-                    help="downstream rows per package for training and evaluation (default: launch.downstream's)")
+                    help="downstream rows per keyword for training and evaluation (default: launch.downstream's)")
     ap.add_argument("overrides", nargs="*", help="training overrides, e.g. train.max_steps=100")
     args = ap.parse_args(argv)
 

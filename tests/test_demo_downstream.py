@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from launch.downstream import PACKAGES, TaskConfig, build_task, function_texts, split_modules, summarise, verdict
+from launch.downstream import (
+    KEYWORDS,
+    MASK,
+    TaskConfig,
+    blanked_statements,
+    build_task,
+    split_modules,
+    summarise,
+    verdict,
+)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -23,20 +32,21 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("task")
-    return out, build_task(STDLIB, out, TaskConfig(train_rows=40, eval_rows=30))
+    return out, build_task(STDLIB, out, TaskConfig(train_rows=20, eval_rows=30))
 
 
-def test_rows_are_balanced_real_functions(task):
+def test_rows_are_balanced_blanked_real_code(task):
     out, counts = task
     train, held = read_rows(out / "train.csv"), read_rows(out / "eval.csv")
-    assert [r["label"] for r in train].count("email") == 40 and len(train) == 40 * len(PACKAGES)
-    assert len(held) == 30 * len(PACKAGES)
-    assert {r["label"] for r in train} == {r["label"] for r in held} == set(PACKAGES)
+    assert counts["train"]["rows"] == len(train) == 20 * len(KEYWORDS)
+    assert counts["eval"]["rows"] == len(held) == 30 * len(KEYWORDS)
+    assert [r["label"] for r in train].count("raise") == 20 and {r["label"] for r in held} == set(KEYWORDS)
     for row in train + held:
-        assert row["text"].startswith(("def ", "async def ")), row["text"][:40]
-        assert row["module"].startswith(row["label"] + "/"), row
-        assert (STDLIB / row["module"]).is_file()
-    assert counts["xml"]["eval"]["rows"] == 30
+        lines = row["text"].split("\n")
+        assert len(lines) == 3 and lines[-1].lstrip().startswith(MASK) and row["text"].count(MASK) == 1, row
+        # the blank really held that keyword: the module's source has the line with the keyword put back
+        line = lines[-1].replace(MASK, row["label"], 1)
+        assert line in (STDLIB / row["module"]).read_text(encoding="utf-8"), row
 
 
 def test_split_is_by_module(task):
@@ -44,39 +54,42 @@ def test_split_is_by_module(task):
     train, held = read_rows(out / "train.csv"), read_rows(out / "eval.csv")
     shared = {r["module"] for r in train} & {r["module"] for r in held}
     assert not shared, f"modules in both splits: {sorted(shared)[:5]}"
-    for package in PACKAGES:
-        assert counts[package]["train"]["modules"] >= 2 and counts[package]["eval"]["modules"] >= 2
+    assert counts["train"]["modules"] > 20 and counts["eval"]["modules"] > 20
     # the same corpus gives the same task
-    again = build_task(STDLIB, out / "again", TaskConfig(train_rows=40, eval_rows=30))
+    again = build_task(STDLIB, out / "again", TaskConfig(train_rows=20, eval_rows=30))
     assert again == counts and (out / "again" / "eval.csv").read_text() == (out / "eval.csv").read_text()
 
 
 def test_split_modules_holds_out_about_the_share():
-    modules = {f"pkg/m{i}.py": ["def f(): pass"] * (i + 1) for i in range(20)}
+    modules = {f"pkg/m{i}.py": ["row"] * (i + 1) for i in range(20)}
     train, held = split_modules(modules, share=0.3)
     assert set(train) | set(held) == set(modules) and not set(train) & set(held)
     held_rows = sum(len(modules[m]) for m in held)
     assert 0.3 * 210 <= held_rows <= 0.3 * 210 + 20
-    two = {"a.py": ["x"] * 50, "b.py": ["y"]}
-    assert all(split_modules(two)), "two modules: one each side"
+    assert all(split_modules({"a.py": ["x"] * 50, "b.py": ["y"]})), "two modules: one each side"
 
 
-def test_function_texts(tmp_path):
+def test_blanked_statements_come_from_the_syntax_tree(tmp_path):
     src = tmp_path / "mod.py"
-    src.write_text("import os\n\n\ndef short():\n    pass\n\n\nclass C:\n    async def method(self, value):\n"
-                   "        '''A docstring long enough to keep.'''\n        return await os.fspath(value) + 'x' * 40\n")
-    texts = function_texts(src)
-    assert texts == ["async def method(self, value):\n    '''A docstring long enough to keep.'''\n"
-                     "    return await os.fspath(value) + 'x' * 40"]
+    src.write_text('import os\n\n\ndef f(x):\n    """return the path; if it is None, raise."""\n'
+                   "    if x is None:\n        raise ValueError(x)\n    elif x:\n        pass\n"
+                   "    for part in x:\n        print(part)  # return later\n    return os.fspath(x)\n")
+    assert blanked_statements(src) == [  # ast.walk order: outer statements first; `elif` and strings skipped
+        ('def f(x):\n    """return the path; if it is None, raise."""\n    [MASK] x is None:', "if"),
+        ("elif x:\n    pass\n[MASK] part in x:", "for"),
+        ("for part in x:\n    print(part)  # return later\n[MASK] os.fspath(x)", "return"),
+        ('"""return the path; if it is None, raise."""\nif x is None:\n    [MASK] ValueError(x)', "raise")]
     (tmp_path / "bad.py").write_bytes(b"def f(:\n\xff")
-    assert function_texts(tmp_path / "bad.py") == []
+    assert blanked_statements(tmp_path / "bad.py") == []
 
 
-def test_a_package_with_one_module_is_a_clear_error(tmp_path):
+def test_too_little_code_is_a_clear_error(tmp_path):
     (tmp_path / "solo").mkdir()
-    (tmp_path / "solo" / "only.py").write_text("def f(a, b):\n    '''Add two numbers and return the sum.'''\n"
-                                               "    return a + b + 0 + 0 + 0 + 0 + 0\n")
-    with pytest.raises(ValueError, match=r"solo: 1 module\(s\) with functions"):
+    (tmp_path / "solo" / "only.py").write_text("x = 1\ny = 2\nif x:\n    y = 3\n")
+    with pytest.raises(ValueError, match=r"1 module\(s\) of solo hold return/if/for/raise statements"):
+        build_task(tmp_path, tmp_path / "out", TaskConfig(), packages=("solo",))
+    (tmp_path / "solo" / "other.py").write_text("x = 1\ny = 2\nif x:\n    y = 3\n")
+    with pytest.raises(ValueError, match=r"only 0 'return' statements in the train modules, 32 wanted"):
         build_task(tmp_path, tmp_path / "out", TaskConfig(), packages=("solo",))
 
 
