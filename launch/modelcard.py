@@ -1,5 +1,7 @@
-"""The export's model card: README.md (data, objectives and schedule, steps, tokens, final metrics, hardware and wall
-time, how to load, intended use and limits) and loss_curves.png (training and evaluation loss per objective).
+"""The export's model card: README.md (Hugging Face metadata, how to load with transformers and sentence-transformers,
+data, objectives and schedule, steps, tokens, training and held-out metrics per objective, hardware and wall time,
+intended use and limits) and loss_curves.png (training and evaluation loss per objective). launch.downstream adds
+its fine-tuning result (add_downstream).
 
 Everything comes from files the run already wrote: run.json in the checkpoint (resolved config, encoder shape,
 step, tokens), the manifests of the training and evaluation data, the TensorBoard event files (metrics.jsonl when
@@ -243,7 +245,7 @@ def _use_and_limits(enc: dict, seq_len: Any, step: int, verification: dict | Non
                   "folder with no missing or unexpected weights; its outputs matched cloze's own model on the "
                   f"checkpoint's weights within {verification['max_abs_diff']:.1e} (bound "
                   f"{verification['tolerance']:.0e}, {verification['dtype']}), and `AutoTokenizer` gave the same ids "
-                  "as the SentencePiece model.", ""]
+                  "as cloze's training tokenizer.", ""]
     return lines + [
         "## Intended use", "",
         "A starting point for fine-tuning on tasks in the domain of the training data (classification, retrieval, "
@@ -269,7 +271,7 @@ def metadata(info: dict, scalars: dict[str, Series], with_head: bool, n_params: 
         "cloze": {"architecture": "ModernBertForMaskedLM" if with_head else "ModernBertModel",
                   "parameters": n_params, **{k: enc.get(k) for k in SHAPE_KEYS},
                   "steps": int(info.get("step", 0)), "tokens_seen": int(info.get("tokens_seen", 0))}}
-    metrics = [{"type": kind, "name": f"held-out {tag[5:].replace('_', ' ')}", "value": round(_last(scalars, tag), 4)}
+    metrics = [{"type": kind, "name": f"held-out {tag[5:]}", "value": round(_last(scalars, tag), 4)}
                for tag in sorted(scalars) for kind in ("accuracy", "loss")
                if tag.startswith("eval/") and tag.endswith(f"_{kind}") and scalars[tag]]
     if metrics:

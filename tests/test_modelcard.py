@@ -155,7 +155,7 @@ def test_card_metadata(resumed_run, tiny_data):
                              "vocab_size": 1000, "max_position_embeddings": info["encoder"]["max_position_embeddings"],
                              "steps": 40, "tokens_seen": 40 * 4096}
     metrics = meta["model-index"][0]["results"][0]["metrics"]
-    assert {"type": "loss", "name": "held-out mlm loss", "value": 3.0} in metrics
+    assert {"type": "loss", "name": "held-out mlm_loss", "value": 3.0} in metrics
     head = front_matter(card_for(resumed_run, run_info(tiny_data, step=20), None, with_head=True)[0])
     assert head["pipeline_tag"] == "fill-mask" and head["cloze"]["architecture"] == "ModernBertForMaskedLM"
 
