@@ -193,7 +193,8 @@ def run_task(export: str | Path, task_dir: str | Path, cfg: TaskConfig) -> dict:
     result = {arm: summarise([r["accuracy"] for r in reports]) for arm, reports in runs.items()}
     won, says = verdict(result["pretrained"], result["random_init"])
     first = runs["pretrained"][0]
-    return {"task": f"name the statement keyword ({', '.join(first['labels'])}) blanked out of standard-library "
+    return {"name": "statement keyword blanked out of Python standard-library code",
+            "task": f"name the statement keyword ({', '.join(first['labels'])}) blanked out of standard-library "
                     f"code, from the line and the {CONTEXT_LINES} lines before; evaluation rows come from modules "
                     "never seen in fine-tuning",
             "labels": first["labels"], "train_rows": first["train_rows"], "eval_rows": first["rows"],

@@ -332,8 +332,8 @@ def add_downstream(export: Path, report: dict) -> Path:
     body = body[:at] + section + body[at:] if at >= 0 else body + "\n" + section
     index = meta.setdefault("model-index", [{"name": "cloze-encoder", "results": []}])
     results = [r for r in index[0]["results"] if r.get("task", {}).get("type") != "text-classification"]
-    results.append({"task": {"type": "text-classification", "name": "standard-library package of a function"},
-                    "dataset": {"type": "python-stdlib", "name": "functions from modules unseen in fine-tuning"},
+    results.append({"task": {"type": "text-classification", "name": report.get("name", "downstream task")},
+                    "dataset": {"type": "python-stdlib", "name": "rows from modules unseen in fine-tuning"},
                     "metrics": [{"type": "accuracy", "name": "fine-tuned, mean over seeds",
                                  "value": round(report["pretrained"]["mean"], 4)}]})
     index[0]["results"] = results
@@ -361,7 +361,7 @@ def render_card(info: dict, tag: str, scalars: dict[str, Series], summary: dict 
     lines += _run(info, scalars, summary, precision)
     lines += _results(scalars, step)
     lines += _use_and_limits(enc, cfg.get("data", {}).get("seq_len"), step, verification)
-    lines += ["## Files", "", ", ".join(f"`{f}`" for f in [*files, CARD_NAME, PNG_NAME]), ""]
+    lines += ["## Files", "", ", ".join(f"`{f}`" for f in dict.fromkeys([*files, CARD_NAME, PNG_NAME])), ""]
     return "\n".join(lines)
 
 

@@ -164,8 +164,8 @@ def test_add_downstream_section_and_metadata(resumed_run, tiny_data):
     from launch.modelcard import add_downstream
 
     _, out = card_for(resumed_run, run_info(tiny_data, step=40, eval_path=str(tiny_data)), None)
-    report = {"task": "which package a function comes from", "train_rows": 40, "eval_rows": 60, "chance": 0.25,
-              "epochs": 4, "lr": 1e-3, "max_length": 128, "seeds": [0, 1],
+    report = {"name": "blanked keyword", "task": "which keyword was blanked out", "train_rows": 40, "eval_rows": 60,
+              "chance": 0.25, "epochs": 4, "lr": 1e-3, "max_length": 128, "seeds": [0, 1],
               "pretrained": {"mean": 0.8125, "std": 0.0125, "values": [0.8, 0.825]},
               "random_init": {"mean": 0.6, "std": 0.01, "values": [0.59, 0.61]},
               "verdict": "the pretrained encoder wins by +21.2 points"}
@@ -179,5 +179,5 @@ def test_add_downstream_section_and_metadata(resumed_run, tiny_data):
     assert "Verdict: the pretrained encoder wins by +21.2 points." in section and "seeds (0, 1)" in section
     results = front_matter(card)["model-index"][0]["results"]
     assert [r["task"]["type"] for r in results] == ["fill-mask", "text-classification"]
-    assert results[1]["metrics"][0]["value"] == 0.7
+    assert results[1]["metrics"][0]["value"] == 0.7 and results[1]["task"]["name"] == "blanked keyword"
     assert card.index("## Results") < card.index("## Downstream evaluation") < card.index("## Limitations")
