@@ -7,6 +7,10 @@ their own data:
     python -m launch.prepare --input '<stdlib>/**/*.py' --out runs/demo/data
     python -m launch.train   --config launch/configs/demo.yaml --nproc 2
     python -m launch.export  --checkpoint runs/demo/train --out runs/demo/export
+    python -m launch.downstream --export runs/demo/export --out runs/demo/downstream --card
+
+The last stage is the proof that pretraining helped: a classifier fine-tuned from the export and one trained from
+random initialisation of the same shape, side by side, on a task built from the same corpus (launch/downstream.py).
 """
 
 from __future__ import annotations
@@ -45,29 +49,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/demo", help="everything goes under this folder (default runs/demo)")
     ap.add_argument("--nproc", type=int, default=2, help="local ranks for training (default 2)")
     ap.add_argument("--input", nargs="*", default=None, help="corpus paths or globs (default: the Python stdlib)")
+    ap.add_argument("--config", default="launch/configs/demo.yaml", help="training config (default: the demo's)")
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="tokenizer pieces (default: launch.prepare's); a small --input needs fewer")
+    ap.add_argument("--shard-bytes", type=int, default=4_000_000,
+                    help="shard size (default 4 MB); training needs a shard per rank, so a small --input needs less")
     ap.add_argument("--reprepare", action="store_true", help="rebuild the shards even if a manifest exists")
+    ap.add_argument("--setup-seconds", type=float, default=None,
+                    help="time scripts/main.sh spent setting up before this job, shown in the stage table")
+    ap.add_argument("--downstream-seeds", type=int, nargs="+", default=None,
+                    help="fine-tuning seeds of the downstream stage (default: launch.downstream's, 0 1 2)")
+    ap.add_argument("--downstream-rows", type=int, nargs=2, metavar=("TRAIN", "EVAL"), default=None,
+                    help="downstream rows per keyword for training and evaluation (default: launch.downstream's)")
     ap.add_argument("overrides", nargs="*", help="training overrides, e.g. train.max_steps=100")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
     data, heldout, train, export = out / "data", out / "heldout", out / "train", out / "export"
+    downstream = out / "downstream"
     # Held-out evaluation text: the stdlib's own tests whose names start with test_a (about 0.5 MB), never trained on.
     heldout_glob = str(Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_a*.py")
     use_heldout = not args.input and bool(glob.glob(heldout_glob))
     py = sys.executable
     t0 = time.perf_counter()
-    timings = {}
+    timings = {} if args.setup_seconds is None else {"setup": args.setup_seconds}
     if (data / "manifest.json").is_file() and not args.reprepare:
         print(f"=== prepare: reusing {data} (pass --reprepare to rebuild)", file=sys.stderr)
     else:
         # The stdlib folder of a virtualenv-less interpreter also holds site-packages: keep only the stdlib.
         extra = ["--exclude", "*/site-packages/*", "--exclude", "*/dist-packages/*"] if not args.input else []
+        extra += ["--vocab-size", str(args.vocab_size)] if args.vocab_size else []
         if use_heldout:
             extra += ["--exclude", heldout_glob]
         inputs = args.input or [stdlib_glob()]
         timings["prepare"] = stage("prepare: train the tokenizer, write shards", [
             py, "-m", "launch.prepare", *[a for i in inputs for a in ("--input", i)], *extra,
-            "--out", str(data), "--shard-bytes", "4000000", "--model-max-length", "1024"])
+            "--out", str(data), "--shard-bytes", str(args.shard_bytes), "--model-max-length", "1024"])
         if use_heldout:
             timings["prepare held-out"] = stage("prepare: held-out evaluation shards, same tokenizer", [
                 py, "-m", "launch.prepare", "--input", heldout_glob, "--out", str(heldout),
@@ -77,28 +94,58 @@ def main(argv: list[str] | None = None) -> int:
         # The demo always trains from scratch; real runs resume from `latest` instead.
         shutil.rmtree(train)
     timings["train"] = stage(f"train: {args.nproc} ranks, DeepSpeed", [
-        py, "-m", "launch.train", "--config", "launch/configs/demo.yaml", "--nproc", str(args.nproc),
+        py, "-m", "launch.train", "--config", args.config, "--nproc", str(args.nproc),
         f"out_dir={train}", f"data.path={data}", *eval_args, *args.overrides])
     timings["export"] = stage("export: encoder only, verified with transformers", [
         py, "-m", "launch.export", "--checkpoint", str(train), "--out", str(export), "--overwrite"])
 
+    extra = ["--seeds", *map(str, args.downstream_seeds)] if args.downstream_seeds else []
+    if args.downstream_rows:
+        extra += ["--train-rows", str(args.downstream_rows[0]), "--eval-rows", str(args.downstream_rows[1])]
+    timings["downstream"] = stage("downstream: fine-tune from the export and from random init, same seeds", [
+        py, "-m", "launch.downstream", "--export", str(export), "--out", str(downstream), "--card", *extra])
     summary = json.loads((train / "summary.json").read_text())
-    final = summary.get("final", {})
-    losses = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in final.items() if k.startswith("loss/"))
-    ev = summary.get("eval") or {}
-    if ev:
-        losses += "; held-out: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in ev.items()
-                                              if k.endswith("_loss") or k.endswith("perplexity"))
-    print(f"""
-cloze main job finished in {fmt_duration(time.perf_counter() - t0)}
-  ({", ".join(f"{k} {fmt_duration(v)}" for k, v in timings.items())})
-  shards + tokenizer : {data}  (manifest.json)
-  training run       : {train}  ({summary['steps']} steps, {summary['tokens_seen']:,} tokens; final losses: {losses})
-  checkpoints        : {train / 'checkpoints'}
-  exported encoder   : {export}  (load with transformers.AutoModel.from_pretrained('{export}'))
-  TensorBoard        : .venv/bin/tensorboard --logdir {train / 'tensorboard'}
-""", file=sys.stderr)
+    report = json.loads((downstream / "report.json").read_text())
+    total = time.perf_counter() - t0 + (args.setup_seconds or 0.0)
+    print(final_report(summary, report, timings, total, data, train, export, downstream),
+          file=sys.stderr)
     return 0
+
+
+def final_report(summary: dict, report: dict, timings: dict[str, float], total: float, data: Path, train: Path,
+                 export: Path, downstream: Path) -> str:
+    """What the job shows: how far pretraining got, whether it helped downstream, where everything is, stage times."""
+    from launch.downstream import fmt
+
+    final = summary.get("final", {})
+    ev = summary.get("eval") or {}
+    losses = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in final.items() if k.startswith("loss/"))
+    names = [k[5:-5] for k in ev if k.endswith("_loss")]
+    held_out = "; ".join(f"{n} loss {ev[f'eval/{n}_loss']:.3f}, accuracy {ev.get(f'eval/{n}_accuracy', 0):.1%}"
+                         for n in names) or "no held-out set (--input given)"
+    stages = "\n".join(f"  {name:<20} {fmt_duration(took):>7}" for name, took in timings.items())
+    return f"""
+cloze main job finished in {fmt_duration(total)}
+
+pretraining ({summary['steps']} steps, {summary['tokens_seen']:,} tokens)
+  final training losses : {losses}
+  held-out              : {held_out}
+downstream: {report['task']}
+  ({report['train_rows']} training rows, {report['eval_rows']} evaluation rows, chance {report['chance']:.3f})
+  pretrained encoder    : {fmt(report['pretrained'])}
+  random init, same size: {fmt(report['random_init'])}
+  verdict               : {report['verdict']}
+
+  shards + tokenizer : {data}  (manifest.json)
+  training run       : {train}  (checkpoints/, summary.json)
+  exported encoder   : {export}  (model card: README.md; load with transformers.AutoModel.from_pretrained('{export}'))
+  downstream task    : {downstream}  (train.csv, eval.csv, report.json)
+  TensorBoard        : .venv/bin/tensorboard --logdir {train / 'tensorboard'}
+
+  stage                   time
+{stages}
+  {'total':<20} {fmt_duration(total):>7}
+"""
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ RELATIVE = {"fp32": 1e-5, "bf16": 2.0**-7}
 """Plus this fraction of |cloze|, as in torch.allclose: one bf16 rounding step is 2**-7 of the value, so a hidden
 state beyond +-2 (or an MLM logit) may differ by more than 2e-2 when both sides round it once, correctly."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOKENIZER_FILES = ("spm.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+"""The tokenizer files an export ships: the `tokenizers` conversion, which encodes exactly as training did. The
+SentencePiece model is left out: SentencePiece on spm.model alone encodes multi-line text differently from the ids
+the model was trained on (cloze encodes whole-line segments one by one), and no file in an export may do that."""
 DEFAULT_MAX_SHARD = "2GB"
 EXPORT_MARKER = "cloze_export.json"
 """Written into every export: with config.json beside it, it is how `--overwrite` knows a folder is one that
@@ -273,15 +276,15 @@ def write_weights(lazy: dict[str, Any], out: Path, with_head: bool, dtype: torch
 
 
 def write_tokenizer(src: Path, out: Path, model_max_length: int) -> None:
-    """Copy the checkpoint's tokenizer (SentencePiece model and its `tokenizers` conversion); rebuild the
-    conversion from spm.model when a checkpoint lacks it."""
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
+    """Copy the checkpoint's `tokenizers` conversion of its SentencePiece model (TOKENIZER_FILES), or rebuild it
+    from src/spm.model when a checkpoint lacks any of them. spm.model itself stays out of the export."""
+    if all((src / name).is_file() for name in TOKENIZER_FILES):
+        for name in TOKENIZER_FILES:
             shutil.copy2(src / name, out / name)
-    if not all((out / n).is_file() for n in TOKENIZER_FILES):
-        from data.hf_tokenizer import write_hf_tokenizer
+        return
+    from data.hf_tokenizer import write_hf_tokenizer
 
-        write_hf_tokenizer(out / "spm.model", out, model_max_length=model_max_length)
+    write_hf_tokenizer(src / "spm.model", out, model_max_length=model_max_length)
 
 
 def write_sentence_transformers(out: Path, hidden_size: int, max_seq_length: int) -> None:
@@ -444,7 +447,7 @@ def verify(out: str | Path, checkpoint: str | Path) -> dict:
     if problems:
         raise ValueError(f"{out}: transformers reported weight problems on load: {problems}")
     tok = AutoTokenizer.from_pretrained(out)
-    sp = Tokenizer(out / "spm.model")
+    sp = Tokenizer(ckpt_dir / tag / "tokenizer" / "spm.model")  # the training tokenizer; exports ship no spm.model
     for text in VERIFY_TEXTS:
         want = [tok.cls_token_id, *sp.encode(text), tok.sep_token_id]
         got = tok(text, verbose=False)["input_ids"]  # verbose: no warning for the text beyond model_max_length

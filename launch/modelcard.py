@@ -1,5 +1,7 @@
-"""The export's model card: README.md (data, objectives and schedule, steps, tokens, final metrics, hardware and wall
-time, how to load, intended use and limits) and loss_curves.png (training and evaluation loss per objective).
+"""The export's model card: README.md (Hugging Face metadata, how to load with transformers and sentence-transformers,
+data, objectives and schedule, steps, tokens, training and held-out metrics per objective, hardware and wall time,
+intended use and limits) and loss_curves.png (training and evaluation loss per objective). launch.downstream adds
+its fine-tuning result (add_downstream).
 
 Everything comes from files the run already wrote: run.json in the checkpoint (resolved config, encoder shape,
 step, tokens), the manifests of the training and evaluation data, the TensorBoard event files (metrics.jsonl when
@@ -123,25 +125,28 @@ def _duration(seconds: float) -> str:
 
 
 def _how_to_load(with_head: bool) -> list[str]:
-    lines = ["## How to load", "", "```python", "import torch", "from transformers import AutoModel, AutoTokenizer", "",
-             'path = "."  # this folder', "tok = AutoTokenizer.from_pretrained(path)",
-             "model = AutoModel.from_pretrained(path).eval()",
-             'batch = tok(["an example sentence", "another one"], padding=True, return_tensors="pt")',
-             "with torch.no_grad():", "    hidden = model(**batch).last_hidden_state  # [batch, tokens, hidden]",
-             'mask = batch["attention_mask"].unsqueeze(-1)',
-             "embeddings = (hidden * mask).sum(1) / mask.sum(1)  # mean pooling", "```", ""]
+    """Three lines for transformers and three for sentence-transformers (or fill-mask), runnable as written from
+    inside this folder."""
+    text = 'def add(a, b):\\n    return a + b\\n'
+    lines = ["## How to load", "",
+             'Run the snippets from inside this folder, or replace `"."` with its path. The tokenizer is '
+             "`AutoTokenizer` on this folder (`tokenizer.json`): it gives exactly the ids the model was trained on.",
+             "", "With transformers (hidden states; mean-pool them over the attention mask for one vector per text):",
+             "", "```python", "from transformers import AutoModel, AutoTokenizer",
+             'tok, model = AutoTokenizer.from_pretrained("."), AutoModel.from_pretrained(".")',
+             f'hidden = model(**tok(["{text}"], return_tensors="pt")).last_hidden_state  # [1, tokens, hidden]',
+             "```", ""]
     if with_head:
         lines += ["Fill-mask (this export keeps the MLM head):", "", "```python", "from transformers import pipeline",
-                  'fill = pipeline("fill-mask", model=path)',
-                  'fill(f"def add(a, b):\\n    return a {fill.tokenizer.mask_token} b")', "```", ""]
+                  'fill = pipeline("fill-mask", model=".")',
+                  'print(fill(f"def add(a, b):\\n    return a {fill.tokenizer.mask_token} b\\n"))', "```", ""]
     else:
-        lines += ["Sentence embeddings with sentence-transformers (mean pooling, configured in `modules.json`):", "",
-                  "```python", "from sentence_transformers import SentenceTransformer",
-                  'vectors = SentenceTransformer(path).encode(["an example sentence"])', "```", ""]
-    return lines + ["Fine-tuning a classifier (for example support e-mails into billing / technical / feedback): "
-                    "`AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)`, or with cloze: "
-                    "`python -m launch.finetune --export PATH --train train.csv --eval eval.csv` (columns "
-                    "`text,label`).", ""]
+        lines += ["With sentence-transformers (mean pooling, configured in `modules.json`):", "", "```python",
+                  "from sentence_transformers import SentenceTransformer", 'model = SentenceTransformer(".")',
+                  f'vectors = model.encode(["{text}"])  # [1, hidden]', "```", ""]
+    return lines + ["Fine-tuning a classifier: `AutoModelForSequenceClassification.from_pretrained(path, "
+                    "num_labels=3)`, or with cloze: `python -m launch.finetune --export PATH --train train.csv "
+                    "--eval eval.csv` (columns `text,label`).", ""]
 
 
 def _data(train: dict | None, evaluation: dict | None) -> list[str]:
@@ -160,8 +165,11 @@ def _data(train: dict | None, evaluation: dict | None) -> list[str]:
             lines += ["", f"Sources ({name}): " + ", ".join(f"`{s}`" for s in m["sources"])]
     if train and not train.get("missing"):
         lines += ["", f"Tokenizer: SentencePiece unigram, {_num(train['vocab_size'])} pieces (sha256 "
-                      f"`{train['tokenizer_sha256'][:16]}`), converted to `tokenizer.json`; ids 0-8 are [PAD] [UNK] "
-                      "[CLS] [SEP] [MASK] and four objective mode tokens."]
+                      f"`{train['tokenizer_sha256'][:16]}`), shipped as its `tokenizers` conversion "
+                      "(`tokenizer.json`), which cuts text into the same whole-line segments as training did; ids 0-8 "
+                      "are [PAD] [UNK] [CLS] [SEP] [MASK] and four objective mode tokens. The SentencePiece model "
+                      "itself is not shipped: plain SentencePiece encodes multi-line text differently from the ids the "
+                      "model was trained on."]
     return lines
 
 
@@ -207,20 +215,26 @@ def _run(info: dict, scalars: dict[str, Series], summary: dict | None, precision
 
 
 def _results(scalars: dict[str, Series], step: int) -> list[str]:
-    train_tags, _ = loss_tags(scalars)
-    lines = ["", "## Results", "", f"Last logged training window at or before step {step}:", "",
-             "| objective | loss | accuracy |", "| --- | --- | --- |"]
-    for tag in train_tags:
-        name = tag.removeprefix("loss/")
-        acc = _last(scalars, f"accuracy/{name}")
-        lines.append(f"| {name} | {_last(scalars, tag):.4f} | {'n/a' if acc is None else f'{acc:.4f}'} |")
+    """One row per objective: the last training window and the last held-out evaluation, side by side."""
+    train_tags, eval_tags = loss_tags(scalars)
+    names = sorted({t.removeprefix("loss/") for t in train_tags} | {t[5:-5] for t in eval_tags})
     evals = {tg: s[-1] for tg, s in scalars.items() if tg.startswith("eval/") and s}
-    if evals:
-        at = max(p[0] for p in evals.values())
-        lines += ["", f"Evaluation on the fixed held-out set (step {at}):", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {tg.removeprefix('eval/')} | {p[1]:.4f} |" for tg, p in sorted(evals.items())]
-    else:
-        lines += ["", "This run had no evaluation set (`eval.path`), so there are no held-out metrics."]
+    at = max((p[0] for p in evals.values()), default=None)
+
+    def cell(tag: str) -> str:
+        value = _last(scalars, tag)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = ["", "## Results", "", f"Training: the last logged window at or before step {step}. "
+             + (f"Held-out: the fixed evaluation set at step {at} (masks at 15%, the same at every evaluation)."
+                if at is not None else "This run had no evaluation set (`eval.path`), so there are no held-out "
+                "metrics."), "",
+             "| objective | training loss | training accuracy | held-out loss | held-out accuracy |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {n} | {cell(f'loss/{n}')} | {cell(f'accuracy/{n}')} | {cell(f'eval/{n}_loss')} "
+              f"| {cell(f'eval/{n}_accuracy')} |" for n in names]
+    if "eval/causal_perplexity" in evals:
+        lines += ["", f"Held-out causal perplexity: {evals['eval/causal_perplexity'][1]:.1f}."]
     return lines + ["", f"![Training and evaluation loss per objective]({PNG_NAME})", ""]
 
 
@@ -231,7 +245,7 @@ def _use_and_limits(enc: dict, seq_len: Any, step: int, verification: dict | Non
                   "folder with no missing or unexpected weights; its outputs matched cloze's own model on the "
                   f"checkpoint's weights within {verification['max_abs_diff']:.1e} (bound "
                   f"{verification['tolerance']:.0e}, {verification['dtype']}), and `AutoTokenizer` gave the same ids "
-                  "as the SentencePiece model.", ""]
+                  "as cloze's training tokenizer.", ""]
     return lines + [
         "## Intended use", "",
         "A starting point for fine-tuning on tasks in the domain of the training data (classification, retrieval, "
@@ -247,6 +261,86 @@ def _use_and_limits(enc: dict, seq_len: Any, step: int, verification: dict | Non
         "before relying on it.", ""]
 
 
+def metadata(info: dict, scalars: dict[str, Series], with_head: bool, n_params: int) -> dict[str, Any]:
+    """The card's Hugging Face metadata: library, pipeline, language and tags, the encoder's shape (under `cloze`)
+    and the held-out evaluation as a model-index entry."""
+    enc = info["encoder"]
+    meta: dict[str, Any] = {
+        "library_name": "transformers", "pipeline_tag": "fill-mask" if with_head else "feature-extraction",
+        "language": ["en"], "tags": ["cloze", "modernbert", "encoder", "code", "python"],
+        "cloze": {"architecture": "ModernBertForMaskedLM" if with_head else "ModernBertModel",
+                  "parameters": n_params, **{k: enc.get(k) for k in SHAPE_KEYS},
+                  "steps": int(info.get("step", 0)), "tokens_seen": int(info.get("tokens_seen", 0))}}
+    metrics = [{"type": kind, "name": f"held-out {tag[5:]}", "value": round(_last(scalars, tag), 4)}
+               for tag in sorted(scalars) for kind in ("accuracy", "loss")
+               if tag.startswith("eval/") and tag.endswith(f"_{kind}") and scalars[tag]]
+    if metrics:
+        meta["model-index"] = [{"name": "cloze-encoder", "results": [{
+            "task": {"type": "fill-mask", "name": "masked, span and causal language modelling"},
+            "dataset": {"type": "held-out", "name": "cloze held-out evaluation set"}, "metrics": metrics}]}]
+    return meta
+
+
+SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "max_position_embeddings")
+
+
+def front_matter(meta: dict[str, Any]) -> list[str]:
+    import yaml
+
+    return ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---"]
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
+    """(metadata, the rest) of a card this module wrote."""
+    import yaml
+
+    _, head, body = text.split("---\n", 2)
+    return yaml.safe_load(head) or {}, body
+
+
+DOWNSTREAM_TITLE = "## Downstream evaluation"
+
+
+def downstream_section(report: dict) -> list[str]:
+    """The downstream task's result (launch.downstream's report): both arms side by side and the verdict."""
+    def row(name: str, arm: dict) -> str:
+        seeds = ", ".join(f"{a:.3f}" for a in arm["values"])
+        return f"| {name} | {arm['mean']:.3f} ± {arm['std']:.3f} | {seeds} |"
+
+    seeds = ", ".join(map(str, report["seeds"]))
+    return [DOWNSTREAM_TITLE, "",
+            f"Task: {report['task']}. {report['train_rows']} training rows, {report['eval_rows']} evaluation rows "
+            f"(chance {report['chance']:.2f}). The same classifier (`launch.finetune`: mean pooling, "
+            f"{report['epochs']} epochs, peak learning rate {report['lr']}, {report['max_length']} tokens) fine-tuned "
+            f"from this encoder and from random initialisation of the same shape, with the same seeds ({seeds}):",
+            "", "| initialisation | accuracy (mean ± sd over seeds) | per seed |", "| --- | --- | --- |",
+            row("this encoder", report["pretrained"]), row("random, same shape", report["random_init"]), "",
+            f"Verdict: {report['verdict']}.", ""]
+
+
+def add_downstream(export: Path, report: dict) -> Path:
+    """Put the downstream result into export/README.md: a section before "## Intended use" (replacing an earlier
+    one) and a text-classification entry in the metadata's model-index."""
+    card = Path(export) / CARD_NAME
+    meta, body = split_front_matter(card.read_text(encoding="utf-8"))
+    if DOWNSTREAM_TITLE in body:  # replace the section written by an earlier run
+        start = body.index(DOWNSTREAM_TITLE)
+        end = body.find("\n## ", start + 1)
+        body = body[:start] + (body[end + 1:] if end >= 0 else "")
+    section = "\n".join(downstream_section(report)) + "\n"
+    at = body.find("## Intended use")
+    body = body[:at] + section + body[at:] if at >= 0 else body + "\n" + section
+    index = meta.setdefault("model-index", [{"name": "cloze-encoder", "results": []}])
+    results = [r for r in index[0]["results"] if r.get("task", {}).get("type") != "text-classification"]
+    results.append({"task": {"type": "text-classification", "name": report.get("name", "downstream task")},
+                    "dataset": {"type": "python-stdlib", "name": "rows from modules unseen in fine-tuning"},
+                    "metrics": [{"type": "accuracy", "name": "fine-tuned, mean over seeds",
+                                 "value": round(report["pretrained"]["mean"], 4)}]})
+    index[0]["results"] = results
+    card.write_text("\n".join(front_matter(meta)) + "\n" + body, encoding="utf-8")
+    return card
+
+
 def render_card(info: dict, tag: str, scalars: dict[str, Series], summary: dict | None, train_data: dict | None,
                 eval_data: dict | None, with_head: bool, dtype: str, files: list[str], verification: dict | None,
                 precision: str | None, n_params: int) -> str:
@@ -255,8 +349,7 @@ def render_card(info: dict, tag: str, scalars: dict[str, Series], summary: dict 
     step, tokens = int(info.get("step", 0)), int(info.get("tokens_seen", 0))
     arch = "ModernBertForMaskedLM" if with_head else "ModernBertModel"
     head = " with its MLM prediction head" if with_head else " (prediction head dropped)"
-    lines = ["---", "library_name: transformers", f"pipeline_tag: {'fill-mask' if with_head else 'feature-extraction'}",
-             "tags: [cloze, modernbert, encoder]", "---", "",
+    lines = [*front_matter(metadata(info, scalars, with_head, n_params)), "",
              f"# cloze encoder: {enc['num_layers']} layers, hidden {enc['hidden_size']}, {n_params / 1e6:.2f}M "
              "parameters", "",
              f"A ModernBERT-layout encoder pretrained by cloze for {step:,} optimizer steps on {tokens:,} tokens, "
@@ -268,7 +361,7 @@ def render_card(info: dict, tag: str, scalars: dict[str, Series], summary: dict 
     lines += _run(info, scalars, summary, precision)
     lines += _results(scalars, step)
     lines += _use_and_limits(enc, cfg.get("data", {}).get("seq_len"), step, verification)
-    lines += ["## Files", "", ", ".join(f"`{f}`" for f in [*files, CARD_NAME, PNG_NAME]), ""]
+    lines += ["## Files", "", ", ".join(f"`{f}`" for f in dict.fromkeys([*files, CARD_NAME, PNG_NAME])), ""]
     return "\n".join(lines)
 
 

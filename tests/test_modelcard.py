@@ -104,7 +104,8 @@ def test_card_numbers_and_png(resumed_run, tiny_data):
     for fact in ("40 optimizer steps", f"{40 * 4096:,} tokens", f"{manifest['totals']['tokens']:,}",
                  f"{manifest['totals']['documents']:,}", "| mlm | 70% | {\"rate\": 0.3} |", "| span | 20% | defaults |",
                  "12 min 34 s", "| precision | bf16 |", "| DeepSpeed ZeRO stage | 2 |", "2 data-parallel ranks",
-                 "| mlm | 9.0000 | 0.5000 |", "| mlm_loss | 3.0000 |", "`ModernBertModel` in bf16",
+                 "| mlm | 9.0000 | 0.5000 | 3.0000 | n/a |", "| span | 9.5000 | n/a | n/a | n/a |",
+                 "`ModernBertModel` in bf16",
                  "## Intended use", "## Limitations", "AutoModel.from_pretrained", "SentenceTransformer",
                  "`model.safetensors`"):
         assert fact in card, f"card lacks {fact!r}"
@@ -122,7 +123,7 @@ def test_card_for_an_earlier_checkpoint(resumed_run, tiny_data):
     info = run_info(tiny_data, step=20, eval_path=str(tiny_data))
     card, _ = card_for(resumed_run, info, {"steps": 40, "tokens_seen": 1, "wall_s": 754.0}, with_head=True)
     assert "20 optimizer steps" in card and "12 min 34 s" not in card
-    assert "| mlm | 6.0000 |" in card and "| mlm_loss | 6.0000 |" in card and "9.0000" not in card
+    assert "| mlm | 6.0000 | 0.2000 | 6.0000 | n/a |" in card and "9.0000" not in card
     assert "pipeline(\"fill-mask\"" in card and "ModernBertForMaskedLM" in card
 
 
@@ -134,3 +135,49 @@ def test_card_without_eval_or_manifest(tmp_path):
     assert "no evaluation set" in card
     assert "moved-away" in card and "no longer there" in card
     assert (out / PNG_NAME).is_file()
+
+
+def front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n"), "the card starts with YAML front matter"
+    return yaml.safe_load(card.split("---\n", 2)[1])
+
+
+def test_card_metadata(resumed_run, tiny_data):
+    info = run_info(tiny_data, step=40, eval_path=str(tiny_data))
+    card, _ = card_for(resumed_run, info, None)
+    meta = front_matter(card)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "feature-extraction"
+    assert meta["language"] == ["en"] and {"cloze", "modernbert", "encoder"} <= set(meta["tags"])
+    assert meta["cloze"] == {"architecture": "ModernBertModel", "parameters": meta["cloze"]["parameters"],
+                             "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 96,
+                             "vocab_size": 1000, "max_position_embeddings": info["encoder"]["max_position_embeddings"],
+                             "steps": 40, "tokens_seen": 40 * 4096}
+    metrics = meta["model-index"][0]["results"][0]["metrics"]
+    assert {"type": "loss", "name": "held-out mlm_loss", "value": 3.0} in metrics
+    head = front_matter(card_for(resumed_run, run_info(tiny_data, step=20), None, with_head=True)[0])
+    assert head["pipeline_tag"] == "fill-mask" and head["cloze"]["architecture"] == "ModernBertForMaskedLM"
+
+
+def test_add_downstream_section_and_metadata(resumed_run, tiny_data):
+    from launch.modelcard import add_downstream
+
+    _, out = card_for(resumed_run, run_info(tiny_data, step=40, eval_path=str(tiny_data)), None)
+    report = {"name": "blanked keyword", "task": "which keyword was blanked out", "train_rows": 40, "eval_rows": 60,
+              "chance": 0.25, "epochs": 4, "lr": 1e-3, "max_length": 128, "seeds": [0, 1],
+              "pretrained": {"mean": 0.8125, "std": 0.0125, "values": [0.8, 0.825]},
+              "random_init": {"mean": 0.6, "std": 0.01, "values": [0.59, 0.61]},
+              "verdict": "the pretrained encoder wins by +21.2 points"}
+    add_downstream(out, report)
+    report["pretrained"] = {"mean": 0.7, "std": 0.0, "values": [0.7, 0.7]}
+    card = add_downstream(out, report).read_text()  # a second run replaces the section and the entry
+    assert card.count("## Downstream evaluation") == 1 and "0.812" not in card
+    section = card[card.index("## Downstream evaluation"):card.index("## Intended use")]
+    assert "| this encoder | 0.700 ± 0.000 | 0.700, 0.700 |" in section
+    assert "| random, same shape | 0.600 ± 0.010 | 0.590, 0.610 |" in section
+    assert "Verdict: the pretrained encoder wins by +21.2 points." in section and "seeds (0, 1)" in section
+    results = front_matter(card)["model-index"][0]["results"]
+    assert [r["task"]["type"] for r in results] == ["fill-mask", "text-classification"]
+    assert results[1]["metrics"][0]["value"] == 0.7 and results[1]["task"]["name"] == "blanked keyword"
+    assert card.index("## Results") < card.index("## Downstream evaluation") < card.index("## Limitations")
