@@ -27,6 +27,7 @@ from pathlib import Path
 
 from launch.cli import run_cli
 from launch.metrics import fmt_duration
+from launch.runlock import check_free
 
 
 def stdlib_glob() -> str:
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                 "--tokenizer", str(data / "tokenizer" / "spm.model"), "--shard-bytes", "100000"])
     eval_args = [f"eval.path={heldout}"] if use_heldout and (heldout / "manifest.json").is_file() else []
     if train.exists():
-        # The demo always trains from scratch; real runs resume from `latest` instead.
+        # The demo always trains from scratch; real runs resume from `latest` instead. A run still holding the
+        # folder (another demo in flight) is named and left alone.
+        check_free(train)
         shutil.rmtree(train)
     timings["train"] = stage(f"train: {args.nproc} ranks, DeepSpeed", [
         py, "-m", "launch.train", "--config", args.config, "--nproc", str(args.nproc),
