@@ -63,3 +63,15 @@ def web(web_and_code_sources):
 def code(web_and_code_sources):
     """'code': (root, docs, dataset_dir result)."""
     return web_and_code_sources[1]
+
+
+def forward_on(enc, backend: str, ids, **kw):
+    """The encoder's output under one attention backend, without gradients; the backend is set back to sdpa."""
+    import torch
+
+    enc.set_attention_backend(backend)
+    try:
+        with torch.no_grad():
+            return enc(ids, **kw)
+    finally:
+        enc.set_attention_backend("sdpa")

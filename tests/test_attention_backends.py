@@ -19,6 +19,7 @@ from model.attention import (
     resolve_attention_backend,
 )
 from model.encoder import Encoder, compile_layers
+from tests.conftest import forward_on
 
 # The eager CPU flex path warns once that it is not the fused kernel; that is the point of running it here.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -106,22 +107,15 @@ def encoder() -> Encoder:
     return Encoder(_cfg()).eval()
 
 
-def _run(enc: Encoder, backend: str, ids: torch.Tensor, **kw) -> torch.Tensor:
-    enc.set_attention_backend(backend)
-    try:
-        with torch.no_grad():
-            return enc(ids, **kw)
-    finally:
-        enc.set_attention_backend("sdpa")
-
 
 @pytest.mark.parametrize("kind, docs", CASES)
 def test_flex_forward_equals_sdpa(encoder, kind, docs):
     ids, args = _ids(3, 40), _batch(kind, docs)
-    flex, sdpa = _run(encoder, "flex", ids, **args), _run(encoder, "sdpa", ids, **args)
+    flex, sdpa = forward_on(encoder, "flex", ids, **args), forward_on(encoder, "sdpa", ids, **args)
     assert (flex - sdpa).abs().max().item() < TOL
     other = "causal" if kind == "bidirectional" else "bidirectional"
-    assert (flex - _run(encoder, "sdpa", ids, **{**args, "attention": other, "prefix_len": None})).abs().max() > 1e-2
+    swapped = forward_on(encoder, "sdpa", ids, **{**args, "attention": other, "prefix_len": None})
+    assert (flex - swapped).abs().max() > 1e-2
 
 
 @CUDA
@@ -162,12 +156,12 @@ def test_padded_equals_packed(encoder, backend, kind):
     packed = torch.cat(docs)[None]
     packed_docs = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
 
-    separate = _run(encoder, backend, padded, attention=kind, doc_ids=pad_docs)
-    together = _run(encoder, backend, packed, attention=kind, doc_ids=packed_docs)
+    separate = forward_on(encoder, backend, padded, attention=kind, doc_ids=pad_docs)
+    together = forward_on(encoder, backend, packed, attention=kind, doc_ids=packed_docs)
     starts = [0, 11, 28]
     for row, (start, n) in enumerate(zip(starts, lengths)):
         assert (together[0, start:start + n] - separate[row, :n]).abs().max().item() < TOL, (row, kind, backend)
-    leaky = _run(encoder, backend, packed, attention=kind)  # no doc_ids: later documents see earlier ones
+    leaky = forward_on(encoder, backend, packed, attention=kind)  # no doc_ids: later documents see earlier ones
     assert (leaky[0, 11:28] - separate[1, :17]).abs().max().item() > 1e-2
 
 

@@ -14,6 +14,7 @@ from torch.nn.attention.flex_attention import create_mask
 from model import Encoder, EncoderConfig
 from model.attention import ATTENTION_KINDS, build_attention_mask, build_block_mask, visible_pairs
 from model.config import window_pairs
+from tests.conftest import forward_on
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -202,14 +203,6 @@ def local_encoder() -> Encoder:
     return Encoder(_cfg()).eval()
 
 
-def _forward(enc: Encoder, backend: str, ids: torch.Tensor, **kw) -> torch.Tensor:
-    enc.set_attention_backend(backend)
-    try:
-        with torch.no_grad():
-            return enc(ids, **kw)
-    finally:
-        enc.set_attention_backend("sdpa")
-
 
 def _args(kind: str, docs: bool, batch: int, seq_len: int) -> dict:
     doc_ids, prefix_len = _layout(batch, seq_len, seed=5)
@@ -220,7 +213,7 @@ def _args(kind: str, docs: bool, batch: int, seq_len: int) -> dict:
 def test_flex_forward_equals_sdpa_with_local_layers(local_encoder, kind, docs):
     ids = torch.randint(5, 300, (3, 40), generator=torch.Generator().manual_seed(1))
     args = _args(kind, docs, 3, 40)
-    flex, sdpa = _forward(local_encoder, "flex", ids, **args), _forward(local_encoder, "sdpa", ids, **args)
+    flex, sdpa = forward_on(local_encoder, "flex", ids, **args), forward_on(local_encoder, "sdpa", ids, **args)
     assert (flex - sdpa).abs().max().item() < TOL
 
 
@@ -228,22 +221,22 @@ def test_window_changes_the_output(local_encoder):
     """The comparisons above could not pass with the window ignored on one side: the same weights with every
     layer global (or a wider window) give hidden states far outside TOL."""
     ids = torch.randint(5, 300, (2, 40), generator=torch.Generator().manual_seed(2))
-    ours = _forward(local_encoder, "sdpa", ids)
+    ours = forward_on(local_encoder, "sdpa", ids)
     for other in (_cfg(global_attn_every_n_layers=1), _cfg(local_attention=10)):
         twin = Encoder(other).eval()
         twin.load_state_dict(local_encoder.state_dict())
-        assert (_forward(twin, "sdpa", ids) - ours).abs().max().item() > 1e-2
+        assert (forward_on(twin, "sdpa", ids) - ours).abs().max().item() > 1e-2
 
 
 def test_local_rope_theta_is_read_by_local_layers_only(local_encoder):
     ids = torch.randint(5, 300, (1, 40), generator=torch.Generator().manual_seed(3))
     twin = Encoder(_cfg(local_rope_theta=5000.0)).eval()
     twin.load_state_dict(local_encoder.state_dict())
-    assert (_forward(twin, "sdpa", ids) - _forward(local_encoder, "sdpa", ids)).abs().max().item() > 1e-2
+    assert (forward_on(twin, "sdpa", ids) - forward_on(local_encoder, "sdpa", ids)).abs().max().item() > 1e-2
     # With every layer global, local_rope_theta is never read: two values, the same output.
     a, b = (Encoder(_cfg(global_attn_every_n_layers=1, local_rope_theta=t)).eval() for t in (5.0, 5000.0))
     b.load_state_dict(a.state_dict())
-    assert torch.equal(_forward(a, "sdpa", ids), _forward(b, "sdpa", ids))
+    assert torch.equal(forward_on(a, "sdpa", ids), forward_on(b, "sdpa", ids))
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
@@ -258,14 +251,14 @@ def test_packed_equals_separate_with_local_layers(local_encoder, backend, kind):
             enumerate(lengths)]
     packed = torch.cat(docs)[None]
     doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
-    together = _forward(local_encoder, backend, packed, attention=kind, doc_ids=doc_ids)
+    together = forward_on(local_encoder, backend, packed, attention=kind, doc_ids=doc_ids)
     start = 0
     for doc in docs:
-        alone = _forward(local_encoder, backend, doc[None], attention=kind)
+        alone = forward_on(local_encoder, backend, doc[None], attention=kind)
         assert (together[0, start:start + doc.numel()] - alone[0]).abs().max().item() < 1e-4
         start += doc.numel()
-    leaky = _forward(local_encoder, backend, packed, attention=kind)
-    assert (leaky[0, 13:34] - _forward(local_encoder, backend, docs[1][None], attention=kind)[0]).abs().max() > 1e-2
+    leaky = forward_on(local_encoder, backend, packed, attention=kind)
+    assert (leaky[0, 13:34] - forward_on(local_encoder, backend, docs[1][None], attention=kind)[0]).abs().max() > 1e-2
 
 
 @pytest.mark.slow
@@ -289,7 +282,7 @@ def test_compiled_layers_with_local_layers_match_eager(local_encoder, backend):
         outputs = [compiled(ids, **_args(kind, docs, 3, 40)) for kind, docs in CASES]
     graphs = counters["unique_graphs"] - before
     for (kind, docs), got in zip(CASES, outputs):
-        want = _forward(local_encoder, backend, ids, **_args(kind, docs, 3, 40))
+        want = forward_on(local_encoder, backend, ids, **_args(kind, docs, 3, 40))
         torch.testing.assert_close(got, want, atol=TOL, rtol=0, msg=kind)
     if backend == "flex":
         assert graphs == 3
