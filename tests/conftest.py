@@ -75,3 +75,33 @@ def forward_on(enc, backend: str, ids, **kw):
             return enc(ids, **kw)
     finally:
         enc.set_attention_backend("sdpa")
+
+
+def assert_compiled_flex_matches_eager_sdpa(cfg, batches):
+    """The trainer's GPU path: compiled blocks with "auto" attention (flex wherever a mask is needed) give the loss
+    and gradients of eager dense-mask SDPA on each (kind, args) of `batches` (fp32 both sides, plus inductor's
+    reassociation, ~1e-7). CUDA only: torch has no CPU backward for flex."""
+    import torch
+
+    from model import EncoderForPretraining
+    from model.encoder import compile_layers
+
+    torch._dynamo.reset()
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    eager = EncoderForPretraining(cfg).to(cuda)
+    fast = EncoderForPretraining(cfg, attn_backend="auto").to(cuda)
+    fast.load_state_dict(eager.state_dict())
+    compile_layers(fast)
+    ids = torch.randint(5, 100, (3, 40), generator=torch.Generator().manual_seed(3)).to(cuda)
+    labels = torch.where(torch.arange(40, device=cuda) % 3 == 0, ids, torch.full_like(ids, -100))
+    for kind, args in batches:
+        args = {k: v.to(cuda) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        eager.zero_grad()
+        fast.zero_grad()
+        want, got = eager(ids, labels, **args).loss, fast(ids, labels, **args).loss
+        want.backward()
+        got.backward()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=kind)
+        for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=f"{kind} {name}")

@@ -19,7 +19,7 @@ from model.attention import (
     resolve_attention_backend,
 )
 from model.encoder import Encoder, compile_layers
-from tests.conftest import forward_on
+from tests.conftest import assert_compiled_flex_matches_eager_sdpa, forward_on
 
 # The eager CPU flex path warns once that it is not the fused kernel; that is the point of running it here.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -301,26 +301,7 @@ def test_inductor_flex_on_cpu_is_refused():
 @CUDA
 def test_compiled_flex_training_matches_eager_sdpa_on_cuda():
     # The path the trainer takes on a GPU: compiled blocks, flex with document masks, backward through both.
-    torch._dynamo.reset()
-    cuda = torch.device("cuda")
-    torch.manual_seed(0)
-    eager = EncoderForPretraining(_tiny()).to(cuda)
-    fast = EncoderForPretraining(_tiny(), attn_backend="auto").to(cuda)
-    fast.load_state_dict(eager.state_dict())
-    compile_layers(fast)
-    ids = torch.randint(5, 100, (3, 40), generator=torch.Generator().manual_seed(3)).to(cuda)
-    labels = torch.where(torch.arange(40, device=cuda) % 3 == 0, ids, torch.full_like(ids, -100))
-    for kind, docs in CASES:
-        args = _batch(kind, docs, device=cuda)
-        eager.zero_grad()
-        fast.zero_grad()
-        want, got = eager(ids, labels, **args).loss, fast(ids, labels, **args).loss
-        want.backward()
-        got.backward()
-        # fp32 both sides, as in test_flex_gradients_equal_sdpa_on_cuda, plus inductor's reassociation (~1e-7).
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=kind)
-        for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=f"{kind} {name}")
+    assert_compiled_flex_matches_eager_sdpa(_tiny(), [(kind, _batch(kind, docs)) for kind, docs in CASES])
 
 
 def test_compile_layers_needs_cloze_layers():

@@ -14,7 +14,7 @@ from torch.nn.attention.flex_attention import create_mask
 from model import Encoder, EncoderConfig
 from model.attention import ATTENTION_KINDS, build_attention_mask, build_block_mask, visible_pairs
 from model.config import window_pairs
-from tests.conftest import forward_on
+from tests.conftest import assert_compiled_flex_matches_eager_sdpa, forward_on
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -292,30 +292,8 @@ def test_compiled_layers_with_local_layers_match_eager(local_encoder, backend):
 def test_compiled_flex_training_with_local_layers_matches_eager_sdpa_on_cuda():
     """The trainer's GPU path with local layers: "auto" picks flex (every batch needs a mask), compiled blocks skip
     the tiles outside the window, and loss and gradients equal dense-mask SDPA's."""
-    from model import EncoderForPretraining
-    from model.encoder import compile_layers
-
-    torch._dynamo.reset()
-    cuda = torch.device("cuda")
-    torch.manual_seed(0)
     small = _cfg(num_layers=3, global_attn_every_n_layers=2)  # global, local, global: both kinds, few layers
-    eager = EncoderForPretraining(small).to(cuda)
-    fast = EncoderForPretraining(small, attn_backend="auto").to(cuda)
-    fast.load_state_dict(eager.state_dict())
-    compile_layers(fast)
-    ids = torch.randint(5, 300, (3, 40), generator=torch.Generator().manual_seed(3)).to(cuda)
-    labels = torch.where(torch.arange(40, device=cuda) % 3 == 0, ids, torch.full_like(ids, -100))
-    for kind, docs in CASES:
-        args = {k: v.to(cuda) if isinstance(v, torch.Tensor) else v for k, v in _args(kind, docs, 3, 40).items()}
-        eager.zero_grad()
-        fast.zero_grad()
-        want, got = eager(ids, labels, **args).loss, fast(ids, labels, **args).loss
-        want.backward()
-        got.backward()
-        # fp32 both sides (as tests/test_attention_backends.py's CUDA tests), plus inductor's reassociation.
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=kind)
-        for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=f"{kind} {name}")
+    assert_compiled_flex_matches_eager_sdpa(small, [(kind, _args(kind, docs, 3, 40)) for kind, docs in CASES])
 
 
 # ---- the run config ----
