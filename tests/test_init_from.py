@@ -158,3 +158,64 @@ def test_init_from_refuses_bad_folders_before_ranks_start(export_with_head, tiny
         assert "[cloze] world" not in proc.stderr, f"{name}: ranks started"  # the trainer's first log line
         assert not (tmp_path / name / "checkpoints").exists()
     assert not marker.exists(), "the payload ran"
+
+
+def _tokenizer(data):
+    from data.manifest import load_manifest
+    from data.tokenizer import Tokenizer
+
+    return Tokenizer(load_manifest(data, check_files=False).tokenizer_path)
+
+
+def _rewrite(src, dst, change) -> None:
+    """Copy the folder src to dst with its weights passed through change(dict) -> dict."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    save_file(change(load_file(str(src / "model.safetensors"))), str(dst / "model.safetensors"))
+
+
+@pytest.mark.distributed  # its fixture trains with 2 ranks; the checks themselves run in this process
+def test_init_from_weights_are_checked_against_the_config_shape(export_with_head, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from launch.config import ConfigError
+    from launch.init_from import load_weights, read_init_source
+    from model.heads import EncoderForPretraining
+
+    export, tok = export_with_head / "export", _tokenizer(tiny_data)
+    emb = "model.embeddings.tok_embeddings.weight"
+
+    # A ModernBertModel folder (no "model." prefix, no head): the encoder loads, the head keeps cloze's init.
+    _rewrite(export, tmp_path / "bare", lambda sd: {k.removeprefix("model."): v for k, v in sd.items()
+                                                    if k.startswith("model.")})
+    source = read_init_source(tmp_path / "bare", {}, tok)
+    assert not source.with_head
+    torch.manual_seed(0)
+    model = EncoderForPretraining(source.encoder)
+    head_before = model.head.dense.weight.detach().clone()
+    load_weights(model, source)
+    weights = load_file(str(export / "model.safetensors"))
+    assert torch.equal(model.encoder.embeddings.tok_embeddings.weight, weights[emb])
+    assert torch.equal(model.head.dense.weight, head_before)
+    assert not torch.equal(head_before, weights["head.dense.weight"])
+
+    # Missing, unexpected and wrongly shaped weights: one error listing each kind.
+    def damage(sd):
+        sd = dict(sd)
+        del sd[emb]
+        sd["model.extra.weight"] = torch.zeros(4)
+        sd["model.final_norm.weight"] = torch.ones(65)
+        return sd
+
+    _rewrite(export, tmp_path / "damaged", damage)
+    with pytest.raises(ConfigError) as e:
+        read_init_source(tmp_path / "damaged", {}, tok)
+    text = str(e.value)
+    assert f"missing weights (1): '{emb}'" in text and "unexpected weights (1): 'model.extra.weight'" in text
+    assert "model.final_norm.weight [65] (config.json implies [64])" in text
+
+    # Weights far larger than the declared shape can take are refused before any header is read.
+    _rewrite(export, tmp_path / "large", lambda sd: {**sd, "model.extra.weight": torch.zeros(1 << 20)})
+    with pytest.raises(ConfigError, match="more than the .* parameters its config.json declares"):
+        read_init_source(tmp_path / "large", {}, tok)
