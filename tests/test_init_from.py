@@ -112,6 +112,9 @@ def test_init_from_a_folder_transformers_wrote_trains_and_exports(tiny_data, tmp
     write_hf_tokenizer(folder / "spm.model", folder, model_max_length=256)
 
     out = tmp_path / "run"
+    plan = run_cli(["launch.train", "--config", "launch/configs/tiny.yaml", "--dry-run", f"data.path={tiny_data}",
+                    f"out_dir={out}", f"model.init_from={folder}", "model.num_layers=3"], check=True)
+    assert "3 layers" in plan.stdout and "local" in plan.stdout, plan.stdout[-2000:]
     # tiny.yaml's model keys must agree with the folder: its num_layers is overridden to the folder's 3.
     proc = run_cli([*TINY, f"data.path={tiny_data}", f"out_dir={out}", "train.max_steps=3", "model.num_layers=3",
                     f"model.init_from={folder}"], check=True)
