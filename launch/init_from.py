@@ -2,8 +2,9 @@
 transformers' save_pretrained wrote).
 
 The folder is not trusted. Nothing in it is executed or unpickled: config.json is read with a size bound and
-json.loads, the weights only from safetensors files whose total size must fit the shape config.json declares, and
-the tokenizer's special ids from tokenizer.json (bounded, json.loads). No transformers model is instantiated.
+json.loads, the weights only from safetensors files whose total size must fit the shape config.json declares, the
+tokenizer's special ids from tokenizer.json (bounded, json.loads); a cloze export's spm.model is only hashed (it
+must be the data's tokenizer, byte for byte). No transformers model is instantiated.
 
 Two stages. `read_init_source` (preflight: in the launcher before ranks start, and on every rank before the
 process group) reads config.json into cloze's EncoderConfig, checks it against the run config's model keys and
@@ -14,6 +15,7 @@ freshly initialised model, strictly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from launch.config import ConfigError, shown
 MAX_CONFIG_BYTES = 1 << 20
 """config.json of any ModernBERT is about 2 KB."""
 MAX_TOKENIZER_JSON_BYTES = 64 << 20
-"""tokenizer.json of a 256k-piece vocabulary is about 20 MB."""
+"""tokenizer.json (and a cloze export's spm.model) of a 256k-piece vocabulary is about 20 MB."""
 MAX_HEADER_SLACK = 1 << 20
 """Bytes per safetensors file beyond its tensors' data (the JSON header)."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -45,13 +47,23 @@ class InitSource:
     """Its safetensors files, headers already checked."""
 
 
+def _read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """At most limit bytes of a regular file (a device or FIFO behind the name would never end)."""
+    if not path.is_file():
+        raise ConfigError([f"model.init_from: {path} is not a regular file; point model.init_from at a Hugging "
+                           "Face ModernBERT folder"])
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError([f"model.init_from: {path} is larger than a {what} can be ({limit:,} bytes); point "
+                           "model.init_from at a Hugging Face ModernBERT folder"])
+    return data
+
+
 def _read_json(path: Path, limit: int, what: str) -> Any:
-    size = path.stat().st_size
-    if size > limit:
-        raise ConfigError([f"model.init_from: {path} is {size:,} bytes, more than a {what} can be ({limit:,}); "
-                           "point model.init_from at a Hugging Face ModernBERT folder"])
+    data = _read_bounded(path, limit, what)
     try:
-        return json.loads(path.read_bytes())
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError([f"model.init_from: {path} is not valid JSON ({shown(str(e))})"]) from None
 
@@ -78,6 +90,8 @@ def _weight_files(folder: Path) -> list[Path]:
                            "loads safetensors weights only and never unpickles a file it did not write: save the "
                            "model with safetensors (save_pretrained's default) or re-export it with launch.export"])
     files = sorted(folder.glob("*.safetensors"))
+    if odd := [f.name for f in files if not f.is_file()]:
+        raise ConfigError([f"model.init_from: {folder}: {', '.join(odd[:5])} not a regular file"])
     if not files:
         raise ConfigError([f"model.init_from: {folder} has no *.safetensors weights; save the model with "
                            "save_pretrained (safetensors is its default) or export it with launch.export"])
@@ -96,6 +110,11 @@ def _tokenizer_problems(encoder, tok, folder: Path) -> list[str]:
     if encoder.vocab_size != tok.vocab_size:
         problems.append(f"vocab_size: {folder}/config.json has {encoder.vocab_size}, the data's tokenizer "
                         f"{tok.vocab_size}")
+    spm = folder / "spm.model"
+    if spm.exists() and hashlib.sha256(_read_bounded(spm, MAX_TOKENIZER_JSON_BYTES, "tokenizer model")).hexdigest() \
+            != tok.sha256:
+        problems.append(f"tokenizer: {spm} is not the data's tokenizer (another SentencePiece model); prepare the "
+                        "data with the folder's tokenizer (launch.prepare --tokenizer ...)")
     from_config = {"[PAD]": encoder.pad_token_id, "[CLS]": encoder.cls_token_id, "[SEP]": encoder.sep_token_id,
                    "[MASK]": encoder.mask_token_id}
     from_files = _tokenizer_ids(folder)

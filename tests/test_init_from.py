@@ -218,6 +218,12 @@ def test_init_from_weights_are_checked_against_the_config_shape(export_with_head
     assert f"missing weights (1): '{emb}'" in text and "unexpected weights (1): 'model.extra.weight'" in text
     assert "model.final_norm.weight [65] (config.json implies [64])" in text
 
+    # Another SentencePiece model in the folder: named, even where the ids agree.
+    _rewrite(export, tmp_path / "other_spm", dict)
+    (tmp_path / "other_spm" / "spm.model").write_bytes(b"another model")
+    with pytest.raises(ConfigError, match="spm.model is not the data's tokenizer"):
+        read_init_source(tmp_path / "other_spm", {}, tok)
+
     # Weights far larger than the declared shape can take are refused before any header is read.
     _rewrite(export, tmp_path / "large", lambda sd: {**sd, "model.extra.weight": torch.zeros(1 << 20)})
     with pytest.raises(ConfigError, match="more than the .* parameters its config.json declares"):
