@@ -302,13 +302,29 @@ class RunConfig:
     """Run directory: checkpoints/, tensorboard/, train.log."""
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=dict)
-    """Fields of model.EncoderConfig except vocab_size and the special ids (taken from the data manifest)."""
+    """Fields of model.EncoderConfig except vocab_size and the special ids (taken from the data manifest).
+
+    One more key, `model.init_from: DIR`, is kept apart in `init_from` (it is not an EncoderConfig field)."""
+    init_from: str = ""
+    """`model.init_from` in YAML and overrides: a Hugging Face ModernBERT folder (ModernBertModel or
+    ModernBertForMaskedLM: a cloze export, or one written by transformers' save_pretrained) to continue pretraining
+    from. Its config.json gives the model's shape (a model key set here must agree with it); its safetensors
+    weights are loaded on every rank before DeepSpeed starts, the MLM head too when the folder has one (else the
+    head gets cloze's normal init); its vocab size and special ids must be the data's tokenizer's. Pickle weights
+    are refused. When out_dir already holds a checkpoint, the run resumes from it and the folder's weights are not
+    loaded. Empty: train from cloze's random init."""
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """As written in YAML: init_from under model (and absent when unset, so run.json and config_hash of a run
+        without it are what they always were)."""
+        out = dataclasses.asdict(self)
+        init_from = out.pop("init_from")
+        if init_from:
+            out["model"]["init_from"] = init_from
+        return out
 
 
 _SECTIONS = {"data": DataConfig, "objectives": ObjectivesConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -477,9 +493,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
     problems: list[str] = []
     cfg = RunConfig()
-    valid_top = [f.name for f in dataclasses.fields(RunConfig)]
+    valid_top = [f.name for f in dataclasses.fields(RunConfig) if f.name != "init_from"]
     for key, value in raw.items():
-        if key not in valid_top:
+        if key == "init_from":
+            problems.append("init_from: write it under the model section (model.init_from)")
+        elif key not in valid_top:
             problems.append(f"{key}: unknown section{_suggest(str(key), valid_top)}")
         elif key in _SECTIONS:
             setattr(cfg, key, _build_section(_SECTIONS[key], value, key, problems))
@@ -488,6 +506,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
                 problems.append(f"model: expected a mapping, got {shown(value)}")
             else:
                 cfg.model = dict(value)
+                if "init_from" in cfg.model:
+                    cfg.init_from = _check_type("model.init_from", cfg.model.pop("init_from"), "", problems)
         else:
             cfg.out_dir = _check_type(key, value, cfg.out_dir, problems)
     if not problems:
@@ -570,6 +590,9 @@ def validate(cfg: RunConfig) -> list[str]:
             p.append(f"data.sources.{src}: not found (a prepared directory, an http(s):// URL or pipe:)")
     if d.seq_len < 8:
         p.append(f"data.seq_len: must be >= 8, got {d.seq_len}")
+    if cfg.init_from and not Path(cfg.init_from).is_dir():
+        p.append(f"model.init_from: folder not found: {cfg.init_from} (a Hugging Face ModernBERT folder: "
+                 "config.json and safetensors weights, e.g. one written by launch.export)")
 
     reserved = {"vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"}
     model_fields = [f.name for f in dataclasses.fields(EncoderConfig) if f.name not in reserved]
@@ -583,14 +606,14 @@ def validate(cfg: RunConfig) -> list[str]:
                      "model.local_rope_theta sets the local layers')")
         elif key not in model_fields:
             p.append(f"model.{key}: unknown key{_suggest(key, model_fields)}")
-    if not any(x.startswith("model.") for x in p):
+    if not any(x.startswith("model.") for x in p) and not cfg.init_from:  # else the folder gives the rest
         try:
             EncoderConfig(vocab_size=1024, **cfg.model)
         except (ValueError, TypeError) as e:
             p.append(f"model: {e}")
     default_max_pos = EncoderConfig.__dataclass_fields__["max_position_embeddings"].default
     max_pos = cfg.model.get("max_position_embeddings", default_max_pos)
-    if d.seq_len > max_pos:
+    if d.seq_len > max_pos and not cfg.init_from:  # with init_from, preflight checks the folder's
         p.append(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={max_pos}")
 
     o = cfg.objectives
@@ -615,7 +638,7 @@ def _unusable_paths(cfg: RunConfig) -> list[str]:
     """Paths of the config the system cannot even look up (a name longer than the file system allows, a folder
     that may not be searched): one problem each, naming the key."""
     paths = {"out_dir": cfg.out_dir, "data.path": cfg.data.path, "eval.path": cfg.eval.path,
-             "train.deepspeed_config": cfg.train.deepspeed_config}
+             "train.deepspeed_config": cfg.train.deepspeed_config, "model.init_from": cfg.init_from}
     paths.update({f"data.sources.{src}": src for src in cfg.data.sources
                   if isinstance(src, str) and "://" not in src and not src.startswith("pipe:")})
     out = []

@@ -19,6 +19,8 @@ class Preflight:
     manifest: object
     tokenizer: object
     tokenizer_dir: Path
+    init_from: object = None
+    """launch.init_from.InitSource when model.init_from is set: the checked folder whose shape the model takes."""
 
 
 def preflight(cfg: RunConfig, world_size: int) -> Preflight:
@@ -40,7 +42,21 @@ def preflight(cfg: RunConfig, world_size: int) -> Preflight:
     if len(manifest.shards) < world_size:
         raise ConfigError([f"{cfg.data.path} has {len(manifest.shards)} shards for {world_size} ranks; each rank "
                            f"needs at least one: re-run launch.prepare with a smaller --shard-bytes"])
-    return Preflight(ds_config, precision, manifest, tok, tok_path.parent)
+    return Preflight(ds_config, precision, manifest, tok, tok_path.parent, _init_source(cfg, tok))
+
+
+def _init_source(cfg: RunConfig, tok):
+    """model.init_from's folder, checked against the model keys and the tokenizer (None when unset)."""
+    if not cfg.init_from:
+        return None
+    from launch.init_from import read_init_source
+
+    source = read_init_source(cfg.init_from, cfg.model, tok)
+    max_pos = source.encoder.max_position_embeddings
+    if cfg.data.seq_len > max_pos:
+        raise ConfigError([f"data.seq_len={cfg.data.seq_len} exceeds max_position_embeddings={max_pos} of "
+                           f"model.init_from's {source.folder}/config.json"])
+    return source
 
 
 def _check_shard_files(cfg: RunConfig, manifest) -> None:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         from launch.plan import describe, expected_labelled_fraction
 
         print(describe(cfg, world, pre.ds_config, pre.tokenizer.vocab_size, pre.precision,
-                       expected_labelled_fraction(cfg)))
+                       expected_labelled_fraction(cfg), pre.init_from.encoder if pre.init_from else None))
         return 0
     if args.nproc and "RANK" not in os.environ:
         from launch import localrun

@@ -78,7 +78,7 @@ class Trainer:
             special_ids=tuple(tok.special_ids), first_ordinary_id=tok.first_ordinary_id,
             mode_ids=tuple(sorted(tok.mode_ids.items())), word_start=torch.as_tensor(tok.word_start),
         )
-        self.enc_cfg = EncoderConfig(
+        self.enc_cfg = pre.init_from.encoder if pre.init_from else EncoderConfig(
             vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, cls_token_id=tok.cls_id, sep_token_id=tok.sep_id,
             mask_token_id=tok.mask_id, **cfg.model,
         )
@@ -103,6 +103,10 @@ class Trainer:
             head_loss = "plain"
         model = EncoderForPretraining(self.enc_cfg, attn_backend=t.attention_backend, head_loss=head_loss)
         model.init_weights()
+        if pre.init_from:  # the same folder on every rank, before DeepSpeed partitions the weights
+            from launch.init_from import initialise
+
+            initialise(model, pre.init_from, Path(cfg.out_dir) / "checkpoints", lambda m: log0(self.rank, m))
         # Outside any compiled layer: compile_layers below compiles the blocks the checkpoint wrapper calls.
         model.encoder.set_activation_checkpointing(t.recompute_every())
         if t.recompute_every():

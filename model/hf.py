@@ -311,3 +311,21 @@ def save_hf_model(
     config = hf_config(cfg, with_head, dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def hf_shapes(cfg: EncoderConfig, with_head: bool) -> dict[str, tuple[int, ...]]:
+    """Every weight a ModernBertModel (with_head=False) or ModernBertForMaskedLM (with_head=True) folder of this
+    shape holds, with its shape: the keys to_hf_state_dict writes (the tied decoder weight left out). Built on the
+    meta device, so it costs no memory at any model size."""
+    from .heads import EncoderForPretraining
+
+    with torch.device("meta"):
+        sd = EncoderForPretraining(cfg).state_dict()
+    out: dict[str, tuple[int, ...]] = {}
+    for key, tensor in sd.items():
+        if key.startswith("encoder."):
+            name = key.removeprefix("encoder.")
+            out[f"model.{name}" if with_head else name] = tuple(tensor.shape)
+        elif with_head and key in _HEAD_KEYS:
+            out[_HEAD_KEYS[key]] = tuple(tensor.shape)
+    return out
