@@ -105,3 +105,18 @@ def assert_compiled_flex_matches_eager_sdpa(cfg, batches):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=kind)
         for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=f"{kind} {name}")
+
+
+def block_mask_tiles(block_mask, batch: int, tiles: int):
+    """[B, tiles, tiles] int: 0 skipped, 1 partial (mask_mod applied), 2 full, read from the BlockMask indices."""
+    import torch
+
+    out = torch.zeros(batch, tiles, tiles, dtype=torch.long)
+    for value, counts, indices in ((1, block_mask.kv_num_blocks, block_mask.kv_indices),
+                                   (2, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)):
+        for b in range(batch):
+            for row in range(tiles):
+                for col in indices[b, 0, row, : counts[b, 0, row]].tolist():
+                    assert out[b, row, col] == 0, "a tile listed twice"
+                    out[b, row, col] = value
+    return out

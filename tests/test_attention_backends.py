@@ -19,7 +19,7 @@ from model.attention import (
     resolve_attention_backend,
 )
 from model.encoder import Encoder, compile_layers
-from tests.conftest import assert_compiled_flex_matches_eager_sdpa, forward_on
+from tests.conftest import assert_compiled_flex_matches_eager_sdpa, block_mask_tiles, forward_on
 
 # The eager CPU flex path warns once that it is not the fused kernel; that is the point of running it here.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -73,18 +73,6 @@ def test_mask_mod_equals_dense_mask_element_for_element(kind, docs):
     assert torch.equal(materialised, _dense(kind, batch, seq_len, args["doc_ids"], args["prefix_len"]))
 
 
-def _tiles(block_mask, batch: int, tiles: int) -> torch.Tensor:
-    """[B, tiles, tiles] int: 0 skipped, 1 partial (mask_mod applied), 2 full, read from the BlockMask indices."""
-    out = torch.zeros(batch, tiles, tiles, dtype=torch.long)
-    for value, counts, indices in ((1, block_mask.kv_num_blocks, block_mask.kv_indices),
-                                   (2, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)):
-        for b in range(batch):
-            for row in range(tiles):
-                for col in indices[b, 0, row, : counts[b, 0, row]].tolist():
-                    assert out[b, row, col] == 0, "a tile listed twice"
-                    out[b, row, col] = value
-    return out
-
 
 @pytest.mark.parametrize("kind, docs", CASES)
 def test_block_mask_computes_exactly_the_tiles_holding_visible_pairs(kind, docs):
@@ -96,7 +84,7 @@ def test_block_mask_computes_exactly_the_tiles_holding_visible_pairs(kind, docs)
     dense = _dense(kind, batch, seq_len, args["doc_ids"], args["prefix_len"])
     per_tile = dense.reshape(batch, seq_len // size, size, seq_len // size, size).transpose(2, 3).flatten(3)
     expected = per_tile.any(-1).long() + per_tile.all(-1).long()
-    assert torch.equal(_tiles(flex.block_mask, batch, seq_len // size), expected)
+    assert torch.equal(block_mask_tiles(flex.block_mask, batch, seq_len // size), expected)
 
 
 # ---- flex and sdpa compute the same encoder ----

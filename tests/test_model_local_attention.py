@@ -14,7 +14,7 @@ from torch.nn.attention.flex_attention import create_mask
 from model import Encoder, EncoderConfig
 from model.attention import ATTENTION_KINDS, build_attention_mask, build_block_mask, visible_pairs
 from model.config import window_pairs
-from tests.conftest import assert_compiled_flex_matches_eager_sdpa, forward_on
+from tests.conftest import assert_compiled_flex_matches_eager_sdpa, block_mask_tiles, forward_on
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -97,17 +97,6 @@ def test_window_argument_is_checked():
             build_block_mask("bidirectional", 1, 8, CPU, window=bad)
 
 
-def _tiles(block_mask, batch: int, tiles: int) -> torch.Tensor:
-    """[B, tiles, tiles] int: 0 skipped, 1 partial (mask_mod applied), 2 full, read from the BlockMask indices."""
-    out = torch.zeros(batch, tiles, tiles, dtype=torch.long)
-    for value, counts, indices in ((1, block_mask.kv_num_blocks, block_mask.kv_indices),
-                                   (2, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)):
-        for b in range(batch):
-            for row in range(tiles):
-                for col in indices[b, 0, row, : counts[b, 0, row]].tolist():
-                    out[b, row, col] = value
-    return out
-
 
 @pytest.mark.parametrize("kind, docs", CASES)
 def test_block_mask_skips_the_tiles_outside_the_window(kind, docs):
@@ -120,7 +109,7 @@ def test_block_mask_skips_the_tiles_outside_the_window(kind, docs):
     dense = brute_force(kind, doc_ids, prefix_len, batch, seq_len, window)
     per_tile = dense.reshape(batch, seq_len // size, size, seq_len // size, size).transpose(2, 3).flatten(3)
     expected = per_tile.any(-1).long() + per_tile.all(-1).long()
-    tiles = _tiles(flex.block_mask, batch, seq_len // size)
+    tiles = block_mask_tiles(flex.block_mask, batch, seq_len // size)
     assert torch.equal(tiles, expected)
     # Each tile row touches at most 3 tiles (the diagonal and one each side) of the 8: the band, not the square.
     assert int((tiles > 0).sum(-1).max()) <= 3
