@@ -358,14 +358,19 @@ def is_cloze_export(folder: Path) -> bool:
         return False
 
 
-def check_out(out: Path, run_dir: Path) -> None:
-    """Refuse an --out that is, contains or lies inside the checkpoint's run directory (writing or replacing it
-    would lose the run), and an existing --out that is not an export (--overwrite replaces only exports)."""
+def check_out_of_run(out: Path, run_dir: Path) -> None:
+    """Refuse an --out that is, contains or lies inside the checkpoint's run directory: writing or replacing it
+    would lose the run. Paths only, so launch.submit checks it too, before the run exists."""
     out_abs, run_abs = out.resolve(), run_dir.resolve()
     if out_abs == run_abs or out_abs in run_abs.parents or run_abs in out_abs.parents:
         where = ("is" if out_abs == run_abs else "contains" if out_abs in run_abs.parents else "lies inside")
         raise ValueError(f"--out {out} {where} the run directory {run_dir} of the checkpoint; export beside the "
                          f"run instead, e.g. --out {run_dir.parent / (run_dir.name + '-export')}")
+
+
+def check_out(out: Path, run_dir: Path) -> None:
+    """check_out_of_run, and refuse an existing --out that is not an export (--overwrite replaces only exports)."""
+    check_out_of_run(out, run_dir)
     if (out.exists() or out.is_symlink()) and not is_cloze_export(out):
         raise ValueError(f"--out {out} exists and is not a cloze export (no {EXPORT_MARKER} and config.json); "
                          f"--overwrite replaces only a folder launch.export wrote: choose a new folder, or remove "

@@ -72,6 +72,12 @@ def build(args: argparse.Namespace) -> tuple[str, Path]:
             raise ValueError("submit export takes no --config or overrides (the checkpoint holds its config)")
         if args.nodes != 1:
             raise ValueError(f"an export runs on one node; drop --nodes {args.nodes}")
+        from launch.export import check_out_of_run
+
+        # The run may not exist yet (--after): its folder follows from the path (RUN, RUN/checkpoints[/step_N]).
+        ckpt = Path(args.checkpoint)
+        run_dir = ckpt.parent if ckpt.name.startswith("step_") else ckpt
+        check_out_of_run(Path(args.out), run_dir.parent if run_dir.name == "checkpoints" else run_dir)
         spec = JobSpec(job_name=args.job_name or "cloze-export", **common)
         extra = (["--with-head"] if args.with_head else []) + (["--no-verify"] if args.no_verify else [])
         text = render_export(args.checkpoint, args.out, spec, extra)

@@ -184,6 +184,19 @@ def test_renderers_refuse_line_breaks_themselves(field, tmp_path):
 
 # -- launch.export --overwrite -----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("out", ["run", "run/hf", "run/checkpoints/hf", "."])
+def test_submit_export_into_the_run_is_refused_before_submitting(cluster, tmp_path, capsys, out):
+    """The export job would fail only after the training job ends (--after): submit checks the paths first."""
+    for checkpoint in ("run", "run/checkpoints", "run/checkpoints/step_00000002"):
+        code, _, err = submit(["export", "--checkpoint", str(tmp_path / checkpoint), "--out", str(tmp_path / out),
+                               "--after", "42"], capsys)
+        assert "run directory" in one_error(code, err), err
+    assert not cluster["calls"].exists(), "sbatch was called"
+    code, _, err = submit(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "run-hf"),
+                           "--after", "42"], capsys)
+    assert code == 0, err
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory) -> Path:
     """base/run: a 2-step 2-rank run; base/export: its export."""

@@ -44,9 +44,10 @@ def runs(slurm_cluster, tiny_data, tmp_path_factory):  # noqa: F811
             submit(run, tiny_data)
         # The export job waits for the uninterrupted run (afterok) and then reads its checkpoint.
         full = by_name["full"]
-        export = by_name["export"] = Run("export", full.out_dir, None, log_pattern="slurm/export-hf-{job}.out")
+        # The export goes beside the run (an --out inside the run it exports is refused); its log beside it too.
+        export = by_name["export"] = Run("export", base, None, log_pattern="slurm/export-full-hf-{job}.out")
         proc = run_cli(["launch.submit", "export", "--checkpoint", str(full.out_dir), "--out",
-                        str(full.out_dir / "hf"), "--after", full.job_id, "--job-name", "cloze-test-export"],
+                        str(base / "full-hf"), "--after", full.job_id, "--job-name", "cloze-test-export"],
                        timeout=120)
         assert proc.returncode == 0, f"launch.submit export failed: {proc.stderr}"
         export.job_id = proc.stdout.strip()
@@ -124,7 +125,7 @@ def test_export_job_runs_after_pretraining(runs):
     assert (final["state"], final["exit_code"], final["kind"]) == ("COMPLETED", 0, "export"), run.why()
     assert final["start_time"] >= full.snapshots["final"]["end_time"]  # --after: only once training ended
     assert final["tasks"] == 1 and final["node_count"] == 1
-    hf = full.out_dir / "hf"
+    hf = full.out_dir.with_name("full-hf")
     assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
     assert final["out_dir"] == str(hf.resolve())
     assert "[cloze] verified: transformers" in run.log_text(), run.why()

@@ -79,13 +79,13 @@ def test_torchrun_launcher_runs_one_task_per_node(tmp_path):
 
 
 def test_export_script(tmp_path):
-    text = render_export("runs/x", "runs/x/hf", JobSpec(dependency="afterok:42"), ["--with-head"], workdir=tmp_path)
+    text = render_export("runs/x", "runs/x-hf", JobSpec(dependency="afterok:42"), ["--with-head"], workdir=tmp_path)
     d = directives(text)
     assert "--nodes=1" in d and "--ntasks=1" in d and "--dependency=afterok:42" in d
     assert "--requeue" not in d
-    assert "-m launch.export --checkpoint runs/x --out runs/x/hf --with-head" in text
+    assert "-m launch.export --checkpoint runs/x --out runs/x-hf --with-head" in text
     assert parse_comment(d[[x.startswith("--comment=") for x in d].index(True)].removeprefix("--comment=")) == {
-        "kind": "export", "out": str(tmp_path / "runs" / "x" / "hf")}
+        "kind": "export", "out": str(tmp_path / "runs" / "x-hf")}
     assert_valid_bash_with_directives_first(text)
 
 
