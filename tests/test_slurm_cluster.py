@@ -25,6 +25,9 @@ TIMEOUT_S = 420
 to build it first."""
 
 
+# 2-node x 2-task jobs on the local cluster, preempted and requeued: minutes, several processes per job.
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 def submit(run: Run, tiny_data) -> None:
     proc = run_cli(["launch.submit", "--config", "launch/configs/tiny.yaml", "--nodes", "2", "--tasks-per-node", "2",
                     "--job-name", f"cloze-test-{run.name}", f"out_dir={run.out_dir}", f"data.path={tiny_data}",
