@@ -106,7 +106,7 @@ class Trainer:
         if pre.init_from:  # the same folder on every rank, before DeepSpeed partitions the weights
             from launch.init_from import initialise
 
-            initialise(model, pre.init_from, Path(cfg.out_dir) / "checkpoints", lambda m: log0(self.rank, m))
+            initialise(model, pre.init_from, self.ckpt_dir, lambda m: log0(self.rank, m))
         # Outside any compiled layer: compile_layers below compiles the blocks the checkpoint wrapper calls.
         model.encoder.set_activation_checkpointing(t.recompute_every())
         if t.recompute_every():
