@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data.manifest import load_manifest
+
 PNG_NAME = "loss_curves.png"
 CARD_NAME = "README.md"
 
@@ -95,18 +97,17 @@ def plot_losses(scalars: dict[str, Series], path: Path, title: str) -> Path:
 
 
 def read_manifest(data_dir: str | None) -> dict[str, Any] | None:
-    """The manifest's totals (without re-checking shards: the data may have moved since training)."""
+    """The manifest's totals (without re-checking shards: the data may have moved since training). The manifest is
+    read like any other (bounded, every field checked), since it is not trusted; one that is gone or no longer
+    valid is named as such in the card."""
     if not data_dir:
         return None
-    f = Path(data_dir) / "manifest.json"
-    if not f.is_file():
+    try:
+        m = load_manifest(data_dir, check_files=False)
+    except ValueError:
         return {"path": str(data_dir), "missing": True}
-    raw = json.loads(f.read_text())
-    totals = raw.get("totals", {})
-    return {"path": str(data_dir), "documents": totals.get("documents"), "tokens": totals.get("tokens"),
-            "shards": totals.get("shards"), "vocab_size": raw.get("vocab_size"),
-            "tokenizer_sha256": (raw.get("tokenizer") or {}).get("sha256", ""),
-            "sources": raw.get("sources") or raw.get("inputs")}
+    return {"path": str(data_dir), "documents": m.documents, "tokens": m.tokens, "shards": len(m.shards),
+            "vocab_size": m.vocab_size, "tokenizer_sha256": m.tokenizer_sha256}
 
 
 def _last(scalars: dict[str, Series], tag: str) -> float | None:
@@ -156,13 +157,11 @@ def _data(train: dict | None, evaluation: dict | None) -> list[str]:
         if m is None:
             continue
         if m.get("missing"):
-            lines.append(f"| {name} | n/a | n/a | n/a | `{m['path']}` (its manifest is no longer there) |")
+            lines.append(f"| {name} | n/a | n/a | n/a | `{m['path']}` (its manifest is no longer there, or no longer "
+                         "valid) |")
         else:
             lines.append(f"| {name} | {_num(m['documents'])} | {_num(m['tokens'])} | {_num(m['shards'])} "
                          f"| `{m['path']}` |")
-    for name, m in (("train", train), ("eval", evaluation)):
-        if m and m.get("sources"):
-            lines += ["", f"Sources ({name}): " + ", ".join(f"`{s}`" for s in m["sources"])]
     if train and not train.get("missing"):
         lines += ["", f"Tokenizer: SentencePiece unigram, {_num(train['vocab_size'])} pieces (sha256 "
                       f"`{train['tokenizer_sha256'][:16]}`), shipped as its `tokenizers` conversion "

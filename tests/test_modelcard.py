@@ -137,6 +137,21 @@ def test_card_without_eval_or_manifest(tmp_path):
     assert (out / PNG_NAME).is_file()
 
 
+
+def test_card_reads_a_hostile_manifest_as_not_valid(tmp_path, tiny_data):
+    """The manifest named by the run is not trusted: a replaced one (a name that is not a plain path, markdown in
+    extra fields, a size beyond any manifest) never reaches the card; the card says it is no longer valid."""
+    raw = json.loads((tiny_data / "manifest.json").read_text())
+    raw["tokenizer"]["path"] = "../x;touch MARK"
+    raw["sources"] = ["[click](http://evil)"]
+    for i, text in enumerate((json.dumps(raw), "{" + " " * (65 * 1024 * 1024) + "}")):
+        run, data = tmp_path / f"run{i}", tmp_path / f"data{i}"
+        write_events(run / "tensorboard", {"loss/mlm": [(1, 7.0), (2, 6.8), (3, 6.7)]})
+        data.mkdir()
+        (data / "manifest.json").write_text(text)
+        card, _ = card_for(run, run_info(data, step=2 + i), None)  # card_for exports beside run, named by step
+        assert "no longer valid" in card and "evil" not in card and "touch" not in card
+
 def front_matter(card: str) -> dict:
     import yaml
 
