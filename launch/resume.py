@@ -149,13 +149,14 @@ def check_weights_only(tag_dir: Path) -> None:
                 # foreign pickle, which the restricted unpickler reads as it is
                 torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except pickle.UnpicklingError as e:
-            raise ValueError(tampered_message(f, _first_line(e))) from None
+            raise ValueError(tampered_message(f, first_line(e))) from None
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError... for damaged files
-            raise ValueError(f"checkpoint file {f} is corrupt or unreadable ({_first_line(e)}); move the checkpoint "
+            raise ValueError(f"checkpoint file {f} is corrupt or unreadable ({first_line(e)}); move the checkpoint "
                              f"away to start over, or point `latest` at an earlier one") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an error, at most 200 characters (its type when it has no text)."""
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
 
@@ -196,7 +197,7 @@ def _convert_main(argv: list[str]) -> int:
         with restricted_torch_load():
             ds_to_universal.main(ds_to_universal.parse_arguments())
     except pickle.UnpicklingError as e:
-        print(tampered_message(Path(args.input_folder), _first_line(e)), file=sys.stderr, flush=True)
+        print(tampered_message(Path(args.input_folder), first_line(e)), file=sys.stderr, flush=True)
         return CONVERT_TAMPERED_EXIT
     return 0
 

@@ -25,7 +25,7 @@ from launch.metrics import Metrics, fmt_duration
 from launch.optim import build_optimizer, build_scheduler
 from launch.preempt import Preemption
 from launch.preflight import preflight
-from launch.resume import data_identity, plan_resume, tampered_message
+from launch.resume import data_identity, first_line, plan_resume, tampered_message
 from launch.runlock import RunDirLocked, RunLock, acquire
 
 
@@ -252,8 +252,7 @@ class Trainer:
             with restricted_torch_load():
                 load_path, _ = self.engine.load_checkpoint(str(plan.load_dir), tag=plan.tag)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(tampered_message(plan.load_dir / plan.tag, first)) from None
+            raise ValueError(tampered_message(plan.load_dir / plan.tag, first_line(e))) from None
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load {plan.load_dir / plan.tag}")
         # This rank's own state, or old rank 0's in a reshaped world (step, tokens and mixer agree on every rank).
