@@ -1,4 +1,4 @@
-"""Every GPU check of issue 8 in one device call: one time budget, the most valuable step first, results in one folder.
+"""Every GPU check in one device call: one time budget, the most valuable step first, results in one folder.
 
     .venv/bin/python -m bench.gpu_session --prepare     # here, once: .whl, runs/bench-data, runs/curve/data
     # on the GPU machine, carrying .whl, runs/bench-data and runs/curve/data (bench/README.md):
@@ -7,7 +7,7 @@
     .venv/bin/python -m bench.gpu_session --tiny --device cpu --out /tmp/session
 
 A task that is lent a GPU has 15 minutes of device time in all, the machine's start (a minute or more) included, and
-one command may run 10 minutes. So the whole of issue 8's GPU work has to fit one call of about 9 minutes, and
+one command may run 10 minutes. So the whole of the GPU work has to fit one call of about 9 minutes, and
 whatever finished has to come back even if a later step hangs. This module only uses the standard library until the
 steps run, so it starts before the wheels are installed, and installs them itself (`.whl/`, from
 ../shared/tools/gpu-wheels.sh) when deepspeed or webdataset is missing.
