@@ -1,5 +1,5 @@
 """Activation memory of one micro-batch with and without activation checkpointing (CPU, fp32), measured and
-compared with the formula `--dry-run` uses (launch.plan.activation_bytes).
+compared with the formula `--dry-run` uses (launch.train.dry_run.activation_bytes).
 
     .venv/bin/python -m bench.activation_memory [--seqs 512,2048,8192 --hidden 128 --layers 4 --every 1,2]
 
@@ -25,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from launch.plan import activation_bytes
+from launch.train.dry_run import activation_bytes
 from model.config import EncoderConfig
 from model.heads import EncoderForPretraining
 

@@ -1,5 +1,5 @@
 """Per-rank memory of model states under ZeRO 1, 2 and 3 at world sizes 1, 2 and 4 (CPU, gloo), measured on a
-live DeepSpeed engine and compared with the formula `--dry-run` uses (launch/plan.py).
+live DeepSpeed engine and compared with the formula `--dry-run` uses (launch/train/dry_run.py).
 
     .venv/bin/python -m bench.zero_memory [--hidden 256 --layers 4 --vocab 8000 --precision fp32]
 
@@ -40,7 +40,7 @@ def worker(args) -> None:
     import torch
 
     from launch.config import TrainConfig
-    from launch.optim import build_optimizer
+    from launch.train.optim import build_optimizer
     from model.config import EncoderConfig
     from model.heads import EncoderForPretraining
 
@@ -67,7 +67,7 @@ def worker(args) -> None:
         Path(args.result).write_text(json.dumps({"params": params, "optimizer_bytes": optim, "param_bytes": local}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    from launch.dist import exit_skipping_teardown
+    from launch.train.dist import exit_skipping_teardown
 
     exit_skipping_teardown(0)
 
@@ -85,8 +85,8 @@ def main() -> None:
     if args.result:
         return worker(args)
 
-    from launch.dist import free_port
-    from launch.plan import zero_memory_bytes
+    from launch.train.dist import free_port
+    from launch.train.dry_run import zero_memory_bytes
 
     rows = []
     for stage in (1, 2, 3):

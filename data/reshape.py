@@ -2,7 +2,7 @@
 number of workers (Loader.load_reshaped).
 
 The old positions name places in a shard split that no longer exists, so they cannot be continued. The rule
-(also in launch/resume.py): per source, the new loader restarts the earliest epoch that any old rank's
+(also in launch/train/resume.py): per source, the new loader restarts the earliest epoch that any old rank's
 partition was still reading, from its first shard, with the new split. Nothing is skipped: every epoch before
 it was read whole by every old partition. What the old partitions had already read of that epoch (and beyond
 it) is read again, about one epoch at most.

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from launch.cli import run_cli
-from launch.metrics import fmt_duration
-from launch.runlock import check_free
+from launch.train.metrics import fmt_duration
+from launch.train.runlock import check_free
 
 
 def stdlib_glob() -> str:

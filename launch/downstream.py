@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {**run_task(args.export, out, cfg), "splits": counts}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.card:
-        from launch.modelcard import add_downstream
+        from launch.export.modelcard import add_downstream
 
         add_downstream(Path(args.export), report)
     print(f"pretrained encoder  : {fmt(report['pretrained'])}\n"

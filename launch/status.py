@@ -37,7 +37,7 @@ def last_jsonl_record(path: Path, tail_bytes: int = 65536) -> dict | None:
 
 
 def fmt_elapsed(seconds: int) -> str:
-    """Slurm's own style, [D-]HH:MM:SS (launch.metrics has one too, but importing it pulls in torch)."""
+    """Slurm's own style, [D-]HH:MM:SS (launch.train.metrics has one too, but importing it pulls in torch)."""
     days, rem = divmod(max(0, int(seconds)), 86400)
     h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)

@@ -72,7 +72,7 @@ def build(args: argparse.Namespace) -> tuple[str, Path]:
             raise ValueError("submit export takes no --config or overrides (the checkpoint holds its config)")
         if args.nodes != 1:
             raise ValueError(f"an export runs on one node; drop --nodes {args.nodes}")
-        from launch.export import check_out_of_run
+        from launch.export.main import check_out_of_run
 
         # The run may not exist yet (--after): its folder follows from the path (RUN, RUN/checkpoints[/step_N]).
         ckpt = Path(args.checkpoint)

@@ -93,7 +93,7 @@ def checkpoint_layer(
     Non-reentrant checkpointing: it works with DeepSpeed ZeRO-3 (whose hooks gather the block's parameters again
     around the recomputation) and with inputs that need no grad. rope and mask are built once per forward and held
     by reference (never rebuilt), so the recomputation sees the same ones; a dense mask thus stays alive until
-    backward (launch/plan.py counts it). The block has no dropout or other randomness, so the recomputed
+    backward (launch/train/dry_run.py counts it). The block has no dropout or other randomness, so the recomputed
     activations equal the first ones exactly. A compiled block (compile_layers) is compiled inside: the
     checkpoint wraps the compiled call, never the reverse.
     """

@@ -9,7 +9,7 @@ import torch
 
 from bench.activation_memory import measure
 from launch.config import ConfigError, load_config
-from launch.plan import activation_bytes
+from launch.train.dry_run import activation_bytes
 from model.config import EncoderConfig
 from model.encoder import compile_layers
 from model.heads import EncoderForPretraining
@@ -137,8 +137,8 @@ def test_config_setting_reaches_the_encoder_as_every(mode, every, want, tmp_path
 @pytest.mark.parametrize("every, head_loss", [(0, "plain"), (1, "plain"), (2, "plain"), (0, "fused"),
                                              (1, "fused")])
 def test_activation_formula_matches_the_bytes_a_forward_keeps(every, head_loss):
-    """launch.plan.activation_bytes against bench.activation_memory.measure: every storage an op allocates in an
-    fp32 forward of packed rows, alive once the forward has returned. Within 1% (the formula leaves out a few
+    """launch.train.dry_run.activation_bytes against bench.activation_memory.measure: every storage an op allocates
+    in an fp32 forward of packed rows, alive once the forward has returned. Within 1% (the formula leaves out a few
     scalars; at this size it agrees to 0.5%)."""
     cfg = EncoderConfig(vocab_size=1000, hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96,
                         max_position_embeddings=256)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from launch.config import ConfigError, load_config
-from launch.engine_config import resolve_deepspeed_config
+from launch.train.engine_config import resolve_deepspeed_config
 from tests.conftest import ROOT
 
 

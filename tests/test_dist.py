@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from launch.dist import bootstrap_env, env_var, expand_hostlist, slurm_port
+from launch.train.dist import bootstrap_env, env_var, expand_hostlist, slurm_port
 
 
 def test_expand_hostlist():

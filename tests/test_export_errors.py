@@ -37,7 +37,7 @@ def export_fails(run: Path, out: Path, capsys, *extra: str) -> str:
     """The CLI's main under its error handler, in-process (one interpreter start less per case); expect a user
     error and return its message. Checks that nothing was left at or beside --out."""
     from launch.cli import run_cli as handle_errors
-    from launch.export import main
+    from launch.export.main import main
 
     before = set(out.parent.iterdir()) if out.parent.exists() else set()
     capsys.readouterr()

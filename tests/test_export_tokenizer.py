@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data.tokenizer import Tokenizer
-from launch.export import TOKENIZER_FILES, write_tokenizer
+from launch.export.main import TOKENIZER_FILES, write_tokenizer
 
 HELD_OUT_PACKAGES = ("asyncio", "unittest", "concurrent")
 """stdlib packages outside tests/conftest.py's CORPUS_PACKAGES: text the tokenizer was not trained on."""

@@ -50,7 +50,7 @@ def runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def masters(runs, tiny_data, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     """Run name -> the fp32 master weights DeepSpeed restores from the checkpoint (EncoderForPretraining keys)."""
-    from launch.dist import free_port
+    from launch.train.dist import free_port
 
     out = tmp_path_factory.mktemp("masters")
     # one positional JSON argument: torchrun would take abbreviated options after the module name as its own
@@ -68,7 +68,7 @@ def masters(runs, tiny_data, tmp_path_factory) -> dict[str, dict[str, torch.Tens
 def exports(runs, tmp_path_factory) -> dict[tuple[str, str, bool], Path]:
     """(run, dtype, with_head) -> export folder. The fp32 encoder-only exports go through the CLI (and its verify
     step); the others call the same function in-process, which saves an interpreter start each."""
-    from launch.export import export
+    from launch.export.main import export
 
     root = tmp_path_factory.mktemp("exports")
     made = {}
@@ -156,7 +156,7 @@ def test_fill_mask_predicts_clozes_top_tokens(name, masters, exports, runs):
 def test_sharded_export_equals_single_file(runs, exports, tmp_path):
     from transformers import AutoModel
 
-    from launch.export import export
+    from launch.export.main import export
 
     name = "z3-fp32"
     out = export(runs[name], tmp_path / "sharded", max_shard_size="60KB", card=False)
@@ -243,9 +243,9 @@ def _worker(spec_file: str) -> None:
     import deepspeed
 
     from launch.config import load_config
-    from launch.dist import bootstrap_env
-    from launch.optim import build_optimizer, build_scheduler
-    from launch.preflight import preflight
+    from launch.train.dist import bootstrap_env
+    from launch.train.optim import build_optimizer, build_scheduler
+    from launch.train.preflight import preflight
     from model.config import EncoderConfig
     from model.heads import EncoderForPretraining
 
@@ -277,7 +277,7 @@ def _worker(spec_file: str) -> None:
 if __name__ == "__main__":
     import sys
 
-    from launch.dist import exit_skipping_teardown
+    from launch.train.dist import exit_skipping_teardown
 
     _worker(sys.argv[1])
     torch.distributed.destroy_process_group()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.checkpoint import _write_error, read_latest
+from launch.train.checkpoint import _write_error, read_latest
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.distributed

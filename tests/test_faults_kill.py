@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.checkpoint import FAULT_POINTS, partial_tags, read_latest
+from launch.train.checkpoint import FAULT_POINTS, partial_tags, read_latest
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.distributed
@@ -32,7 +32,7 @@ def common(data: Path, out: Path) -> list[str]:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    from launch.export import consolidate
+    from launch.export.main import consolidate
 
     ckpts = out / "checkpoints"
     tag = read_latest(ckpts)
@@ -137,7 +137,7 @@ def test_prune_removes_incomplete_leftovers_but_keeps_a_rolled_back_checkpoint(t
     """`latest` moved back by hand must not cost the newer complete checkpoint; a half-written one goes."""
     import json
 
-    from launch.checkpoint import prune
+    from launch.train.checkpoint import prune
 
     for step, complete in ((10, True), (20, False), (30, True)):
         d = tmp_path / f"step_{step:08d}"

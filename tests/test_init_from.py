@@ -44,8 +44,8 @@ def first_batch_loss(folder, data, overrides: list[str]) -> float:
     them."""
     from data.loader import build_loader
     from launch.config import load_config
-    from launch.init_from import load_weights, read_init_source
-    from launch.preflight import preflight
+    from launch.train.init_from import load_weights, read_init_source
+    from launch.train.preflight import preflight
     from model.heads import EncoderForPretraining
     from objectives import build_objective, step_generator
     from objectives.batch import IGNORE_INDEX, TokenInfo
@@ -183,7 +183,7 @@ def test_init_from_weights_are_checked_against_the_config_shape(export_with_head
     from safetensors.torch import load_file
 
     from launch.config import ConfigError
-    from launch.init_from import load_weights, read_init_source
+    from launch.train.init_from import load_weights, read_init_source
     from model.heads import EncoderForPretraining
 
     export, tok = export_with_head / "export", _tokenizer(tiny_data)

@@ -307,8 +307,8 @@ def test_run_config_checks_the_window_and_names_the_renamed_theta(tmp_path):
 
 
 def test_dry_run_plan_names_the_layer_pattern(tmp_path):
-    from launch.engine_config import resolve_deepspeed_config
-    from launch.plan import describe
+    from launch.train.dry_run import describe
+    from launch.train.engine_config import resolve_deepspeed_config
 
     cfg = _load(tmp_path, "model.num_layers=6", "model.global_attn_every_n_layers=3", "model.local_attention=32")
     text = describe(cfg, 2, resolve_deepspeed_config(cfg, 2, "fp32"), 1000, "fp32", 0.15)

@@ -1,4 +1,4 @@
-"""launch/modelcard.py on run folders written by the same writers the trainer uses (torch's SummaryWriter,
+"""launch/export/modelcard.py on run folders written by the same writers the trainer uses (torch's SummaryWriter,
 metrics.jsonl lines, summary.json, a real manifest), without training: resumed runs, the jsonl fallback, a card
 for an earlier checkpoint, and the PNG the card references."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from launch.config import RunConfig
-from launch.modelcard import PNG_NAME, read_scalars, write_model_card
+from launch.export.modelcard import PNG_NAME, read_scalars, write_model_card
 from model.config import EncoderConfig
 
 
@@ -176,7 +176,7 @@ def test_card_metadata(resumed_run, tiny_data):
 
 
 def test_add_downstream_section_and_metadata(resumed_run, tiny_data):
-    from launch.modelcard import add_downstream
+    from launch.export.modelcard import add_downstream
 
     _, out = card_for(resumed_run, run_info(tiny_data, step=40, eval_path=str(tiny_data)), None)
     report = {"name": "blanked keyword", "task": "which keyword was blanked out", "train_rows": 40, "eval_rows": 60,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from launch.config import TrainConfig
-from launch.optim import lr_factor, param_groups
+from launch.train.optim import lr_factor, param_groups
 from model.config import EncoderConfig
 from model.heads import EncoderForPretraining
 
@@ -41,7 +41,7 @@ def test_no_weight_decay_on_norms_and_biases():
 
 
 def test_zero_memory_formula_partitions_what_each_stage_partitions():
-    from launch.plan import zero_memory_bytes
+    from launch.train.dry_run import zero_memory_bytes
 
     p = 1000
     # Values measured by bench/zero_memory.py on a live engine (fp32): optimizer state 12 bytes/param under ZeRO.

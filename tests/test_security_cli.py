@@ -217,7 +217,7 @@ def tree(root: Path) -> dict[str, int]:
 def export_cli(argv: list[str], capsys) -> tuple[int, str]:
     """`python -m launch.export ARGV` in this process, under the CLIs' error handler: (exit code, stderr)."""
     from launch.cli import run_cli as handle_errors
-    from launch.export import main
+    from launch.export.main import main
 
     capsys.readouterr()
     code = handle_errors(lambda: main(argv))
@@ -278,7 +278,7 @@ def test_export_into_the_run_dir_refused_by_the_real_cli(trained, tmp_path):
 
 @pytest.mark.distributed
 def test_overwrite_replaces_an_earlier_export(trained, tmp_path, capsys):
-    from launch.export import EXPORT_MARKER
+    from launch.export.main import EXPORT_MARKER
 
     base = Path(shutil.copytree(trained, tmp_path / "base"))
     out = base / "export"

@@ -82,7 +82,8 @@ def test_the_conversion_itself_reads_under_the_restricted_unpickler(two_rank_che
     shutil.copytree(two_rank_checkpoint, out)
     tag_dir = out / "checkpoints" / "step_00000002"
     torch.save({"optimizer_state_dict": Payload(marker)}, sorted(tag_dir.glob("*optim_states.pt"))[1])
-    proc = run_cli(["launch.resume", "--input_folder", str(tag_dir), "--output_folder", str(tmp_path / "universal")])
+    proc = run_cli(["launch.train.resume", "--input_folder", str(tag_dir),
+                    "--output_folder", str(tmp_path / "universal")])
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert not marker.exists(), "the payload ran"
     assert "Traceback" not in proc.stderr and "tampered" in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]

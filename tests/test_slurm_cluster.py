@@ -75,7 +75,7 @@ def test_four_rank_job_spans_two_nodes(runs):
     assert (final["state"], final["exit_code"], final["restart_count"]) == ("COMPLETED", 0, 0), run.why()
     assert final["nodes"] == ["n1", "n2"] and final["tasks"] == 4
     log = run.log_text()
-    # The template's placement line comes from each srun task itself; rank = SLURM_PROCID (launch.dist).
+    # The template's placement line comes from each srun task itself; rank = SLURM_PROCID (launch.train.dist).
     for rank in range(4):
         assert f"[cloze] rank {rank}/4 local {rank % 2} on n{1 + rank // 2}" in log, run.why()
     assert "[cloze] world 4 (slurm)" in log, run.why()

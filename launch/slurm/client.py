@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.dist import expand_hostlist
+from launch.train.dist import expand_hostlist
 
 DEFAULT_TIMEOUT_S = 60.0
 """Per command. Without a controller, Slurm's clients retry for about 9 s before failing; 60 s leaves room."""

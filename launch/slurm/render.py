@@ -1,6 +1,6 @@
 """sbatch scripts from the templates next to this file: pretraining (N nodes x G ranks) and export (one task).
 
-Two launchers. `srun` (default) starts one task per GPU and each task is one rank (launch.dist reads SLURM_*).
+Two launchers. `srun` (default) starts one task per GPU and each task is one rank (launch.train.dist reads SLURM_*).
 `torchrun` starts one srun task per node that runs torchrun with G local ranks; ranks then read torchrun's
 variables. Values are checked here and shell-quoted into the script, so nothing a user types ends up as shell code
 or as a second #SBATCH option; a value holding a line break or NUL is refused before anything is rendered (quoting
@@ -192,7 +192,7 @@ def render_pretrain(config: str, overrides: list[str], spec: JobSpec, out_dir: s
         launch = shlex.join(srun + ["bash", "-c", inner])
         rendezvous = (
             'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-            f"export MASTER_PORT=$({py} -c 'import os; from launch.dist import slurm_port; "
+            f"export MASTER_PORT=$({py} -c 'import os; from launch.train.dist import slurm_port; "
             "print(slurm_port(os.environ[\"SLURM_JOB_ID\"]))')\n"
             'echo "[cloze] torchrun rendezvous at $MASTER_ADDR:$MASTER_PORT"')
         sbatch_tasks = 1

@@ -226,7 +226,7 @@ def load_weights(model: torch.nn.Module, source: InitSource) -> None:
 def initialise(model: torch.nn.Module, source: InitSource, ckpt_dir: Path, log) -> None:
     """Load the folder's weights into model, unless the run resumes from a checkpoint in ckpt_dir (resuming takes
     precedence: the checkpoint holds the run's own later weights). log: a one-argument function (rank 0 prints)."""
-    from launch.checkpoint import read_latest
+    from launch.train.checkpoint import read_latest
 
     if read_latest(ckpt_dir, warn=False) is not None:
         log(f"model.init_from {source.folder} ignored: resuming from the checkpoint in {ckpt_dir}")

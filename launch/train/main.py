@@ -12,8 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from launch.cli import run_cli
-
 if TYPE_CHECKING:
     from data.manifest import Manifest
     from launch.config import RunConfig
@@ -34,8 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_run_dir(cfg: RunConfig, manifest: Manifest) -> None:
     """Before the ranks start: a live run holding out_dir, or a checkpoint there trained on other data, is one
     error here rather than one per rank. The ranks check both again (rank 0 takes the lock itself)."""
-    from launch import checkpoint, runlock
-    from launch.resume import check_same_data, data_identity
+    from launch.train import checkpoint, runlock
+    from launch.train.resume import check_same_data, data_identity
 
     out = Path(cfg.out_dir)
     runlock.check_free(out)
@@ -62,18 +60,18 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validate before spawning anything
     world = args.nproc or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
-    from launch.preflight import preflight
+    from launch.train.preflight import preflight
 
     pre = preflight(cfg, world)
     if args.dry_run:
-        from launch.plan import describe, expected_labelled_fraction
+        from launch.train.dry_run import describe, expected_labelled_fraction
 
         print(describe(cfg, world, pre.ds_config, pre.tokenizer.vocab_size, pre.precision,
                        expected_labelled_fraction(cfg), pre.init_from.encoder if pre.init_from else None))
         return 0
     if args.nproc and "RANK" not in os.environ:
-        from launch import localrun
-        from launch.dist import env_var, free_port
+        from launch.train import localrun
+        from launch.train.dist import env_var, free_port
 
         check_run_dir(cfg, pre.manifest)
 
@@ -92,16 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                 return max(codes) if codes else rc
             return rc
 
-    from launch.dist import bootstrap_env
-    from launch.trainer import run
+    from launch.train.dist import bootstrap_env
+    from launch.train.trainer import run
 
     env = bootstrap_env()
     run(cfg, env)
     return 0
 
-
-if __name__ == "__main__":
-    from launch.dist import exit_skipping_teardown
-
-    # everything the run writes (checkpoints, summary, metrics, TensorBoard, loader workers) is closed by now
-    exit_skipping_teardown(run_cli(main))

@@ -221,7 +221,7 @@ def prune(ckpt_dir: Path, keep: int) -> None:
     for tag in partial_tags(ckpt_dir, latest):
         if not is_complete(ckpt_dir / tag):
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-    universal = ckpt_dir / "universal"  # conversions made for a world-size change (launch/resume.py)
+    universal = ckpt_dir / "universal"  # conversions made for a world-size change (launch/train/resume.py)
     if universal.is_dir():
         for d in universal.iterdir():
             if not (ckpt_dir / d.name).is_dir():

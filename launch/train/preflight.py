@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from launch.config import ConfigError, RunConfig, warn
-from launch.engine_config import resolve_deepspeed_config, resolve_precision
+from launch.train.engine_config import resolve_deepspeed_config, resolve_precision
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Preflight:
     tokenizer: object
     tokenizer_dir: Path
     init_from: object = None
-    """launch.init_from.InitSource when model.init_from is set: the checked folder whose shape the model takes."""
+    """launch.train.init_from.InitSource when model.init_from is set: the checked folder whose shape the model takes."""
 
 
 def preflight(cfg: RunConfig, world_size: int) -> Preflight:
@@ -49,7 +49,7 @@ def _init_source(cfg: RunConfig, tok):
     """model.init_from's folder, checked against the model keys and the tokenizer (None when unset)."""
     if not cfg.init_from:
         return None
-    from launch.init_from import read_init_source
+    from launch.train.init_from import read_init_source
 
     source = read_init_source(cfg.init_from, cfg.model, tok)
     max_pos = source.encoder.max_position_embeddings

@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from launch.checkpoint import TAG_RE, load_run_info, resolve_checkpoint
-from launch.cli import run_cli
-from launch.dist import env_var
+from launch.train.checkpoint import TAG_RE, load_run_info, resolve_checkpoint
+from launch.train.dist import env_var
 
 if TYPE_CHECKING:
     from model.config import EncoderConfig
@@ -138,8 +137,8 @@ def check_checkpoint(ckpt_dir: Path, tag: str, info: dict) -> None:
 
 def _stage0_master(state: dict, cfg: EncoderConfig) -> dict[str, torch.Tensor] | None:
     """fp32 master weights of a stage-0 bf16 run: DeepSpeed's bf16 wrapper keeps them in optimizer.fp32_groups,
-    in the order of cloze's optimizer param groups (launch/optim.py). None when the module is already fp32."""
-    from launch.optim import param_groups
+    in the order of cloze's optimizer param groups (launch/train/optim.py). None when the module is already fp32."""
+    from launch.train.optim import param_groups
     from model.heads import EncoderForPretraining
 
     groups = (state.get("optimizer") or {}).get("fp32_groups")
@@ -397,7 +396,7 @@ def export(checkpoint: str | Path, out: str | Path, with_head: bool = False, dty
         # the tag directory, not `checkpoint`: a run still training may move `latest` meanwhile
         result = verify(tmp, meta["ckpt_dir"] / meta["tag"]) if verify_export else None
         if card:
-            from launch.modelcard import write_model_card
+            from launch.export.modelcard import write_model_card
 
             write_model_card(tmp, meta["ckpt_dir"], meta["tag"], meta["info"], with_head=with_head, dtype=dtype,
                              verification=result, precision=meta["precision"])
@@ -501,6 +500,3 @@ def main(argv: list[str] | None = None) -> int:
            overwrite=args.overwrite, verify_export=not args.no_verify, card=not args.no_card)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

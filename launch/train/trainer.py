@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launch import checkpoint
 from launch.config import ConfigError, RunConfig, config_hash, warn
-from launch.dist import DistEnv, env_var
-from launch.metrics import Metrics, fmt_duration
-from launch.optim import build_optimizer, build_scheduler
-from launch.preempt import Preemption
-from launch.preflight import preflight
-from launch.resume import data_identity, first_line, plan_resume, tampered_message
-from launch.runlock import RunDirLocked, RunLock, acquire
+from launch.train import checkpoint
+from launch.train.dist import DistEnv, env_var
+from launch.train.metrics import Metrics, fmt_duration
+from launch.train.optim import build_optimizer, build_scheduler
+from launch.train.preempt import Preemption
+from launch.train.preflight import preflight
+from launch.train.resume import data_identity, first_line, plan_resume, tampered_message
+from launch.train.runlock import RunDirLocked, RunLock, acquire
 
 
 class TrainingHalted(RuntimeError):
@@ -104,7 +104,7 @@ class Trainer:
         model = EncoderForPretraining(self.enc_cfg, attn_backend=t.attention_backend, head_loss=head_loss)
         model.init_weights()
         if pre.init_from:  # the same folder on every rank, before DeepSpeed partitions the weights
-            from launch.init_from import initialise
+            from launch.train.init_from import initialise
 
             initialise(model, pre.init_from, self.ckpt_dir, lambda m: log0(self.rank, m))
         # Outside any compiled layer: compile_layers below compiles the blocks the checkpoint wrapper calls.
@@ -164,7 +164,7 @@ class Trainer:
         self._maybe_resume()
         self.evaluator = None
         if cfg.eval.path:
-            from launch.evaluate import Evaluator
+            from launch.train.evaluate import Evaluator
 
             self.evaluator = Evaluator(cfg.eval.path, cfg.data.seq_len, t.micro_batch_size, cfg.eval.batches,
                                        self.rank, self.world, self.tok_info, seed=cfg.eval.seed)
@@ -174,7 +174,7 @@ class Trainer:
                                peak_tflops=t.peak_tflops)
 
     def _lock_run_dir(self) -> RunLock | None:
-        """Collective: rank 0 locks out_dir for the life of the run (launch/runlock.py); when another run holds
+        """Collective: rank 0 locks out_dir for the life of the run (launch/train/runlock.py); when another run holds
         it, rank 0 names the holder and every other rank stops with a pointer to that message."""
         lock, refused = None, ""
         if self.rank == 0:
@@ -246,7 +246,7 @@ class Trainer:
         # payload in a checkpoint directory cannot run code on resume.
         import pickle
 
-        from launch.export import restricted_torch_load
+        from launch.export.main import restricted_torch_load
 
         try:
             with restricted_torch_load():

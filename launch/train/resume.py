@@ -37,10 +37,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from launch import checkpoint
+from launch.train import checkpoint
 
 CONVERT_TAMPERED_EXIT = 3
-"""Exit code of `python -m launch.resume` when the restricted unpickler refused a file during the conversion."""
+"""Exit code of `python -m launch.train.resume` when the restricted unpickler refused a file during the conversion."""
 
 
 @dataclass
@@ -140,7 +140,7 @@ def check_weights_only(tag_dir: Path) -> None:
 
     import torch
 
-    from launch.export import restricted_torch_load
+    from launch.export.main import restricted_torch_load
 
     for f in sorted(tag_dir.rglob("*.pt")):
         try:
@@ -169,7 +169,7 @@ def to_universal(src: Path, dst: Path) -> None:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "launch.resume", "--input_folder", str(src), "--output_folder", str(tmp)]
+    cmd = [sys.executable, "-m", "launch.train.resume", "--input_folder", str(src), "--output_folder", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -181,15 +181,15 @@ def to_universal(src: Path, dst: Path) -> None:
 
 
 def _convert_main(argv: list[str]) -> int:
-    """`python -m launch.resume --input_folder TAG_DIR --output_folder DIR`: DeepSpeed's ds_to_universal (one
+    """`python -m launch.train.resume --input_folder TAG_DIR --output_folder DIR`: DeepSpeed's ds_to_universal (one
     worker, no process pool) with every torch.load it makes going through the restricted unpickler."""
-    ap = argparse.ArgumentParser(prog="python -m launch.resume")
+    ap = argparse.ArgumentParser(prog="python -m launch.train.resume")
     ap.add_argument("--input_folder", required=True)
     ap.add_argument("--output_folder", required=True)
     args = ap.parse_args(argv)
     from deepspeed.checkpoint import ds_to_universal
 
-    from launch.export import restricted_torch_load
+    from launch.export.main import restricted_torch_load
 
     sys.argv = ["ds_to_universal", "--input_folder", args.input_folder, "--output_folder", args.output_folder,
                 "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]

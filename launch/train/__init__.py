@@ -1,0 +1,18 @@
+"""The training stage: `python -m launch.train` (main.py) builds a run from the validated config and trains it.
+
+    main.py           the CLI: validate, preflight, --dry-run, spawn local ranks or join the launcher's
+    preflight.py      checks that need the world size and the data, before any rank starts
+    dry_run.py        what --dry-run prints: shapes, batch sizes, memory per rank
+    dist.py           the launcher's environment -> torch.distributed
+    engine_config.py  deepspeed_config.json resolved against the config (one source of truth for batch sizes)
+    trainer.py        the loop
+    optim.py          optimizer and LR schedule
+    evaluate.py       held-out evaluation
+    metrics.py        TensorBoard, metrics.jsonl, the progress line
+    checkpoint.py     checkpoints: layout, `latest`, run.json
+    resume.py         resuming on the same or another world size
+    preempt.py        USR1/SIGTERM -> checkpoint -> requeue
+    runlock.py        one run per out_dir
+    init_from.py      model.init_from: start from a Hugging Face ModernBERT folder
+    localrun.py       torchrun for --nproc N
+"""
