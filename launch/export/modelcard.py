@@ -223,7 +223,7 @@ def _mode_tokens(cfg: dict) -> list[str]:
                   f"tokenizer never adds a mode token itself). Here the {chosen} mode, `{token}` = {i}:", "",
               "```python", "import torch", "from transformers import AutoModel, AutoTokenizer",
               'tok, model = AutoTokenizer.from_pretrained("."), AutoModel.from_pretrained(".")',
-              f'ids = torch.tensor([[tok.convert_tokens_to_ids("{token}"), *tok("{text}")["input_ids"]]])  '
+              f'ids = torch.tensor([[tok.convert_tokens_to_ids("{token}"), *tok("{text}")["input_ids"]]])'
               "  # mode, [CLS], text, [SEP]",
               "hidden = model(input_ids=ids).last_hidden_state  # [1, tokens, hidden]", "```", "",
               "Stock transformers' ModernBERT attends bidirectionally everywhere, as the mlm and span modes were "
