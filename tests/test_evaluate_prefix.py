@@ -12,23 +12,14 @@ import torch
 from launch.train.evaluate import EVAL_OBJECTIVES, Evaluator
 from objectives import IGNORE_INDEX
 from objectives.batch import TokenInfo
+from tests.test_objectives_support import tokenizer_token_info
 
 SEQ_LEN, BATCH, BATCHES = 64, 4, 2
 
 
-def token_info(data) -> TokenInfo:
-    """The TokenInfo the trainer builds from a prepared dataset's tokenizer."""
-    from data.tokenizer import Tokenizer
-
-    tok = Tokenizer(data / "tokenizer" / "spm.model")
-    return TokenInfo(vocab_size=tok.vocab_size, pad_id=tok.pad_id, cls_id=tok.cls_id, sep_id=tok.sep_id,
-                     mask_id=tok.mask_id, special_ids=tuple(tok.special_ids), first_ordinary_id=tok.first_ordinary_id,
-                     mode_ids=tuple(sorted(tok.mode_ids.items())), word_start=torch.as_tensor(tok.word_start))
-
-
 @pytest.fixture(scope="module")
 def evaluators(tiny_data) -> tuple[Evaluator, Evaluator, TokenInfo]:
-    tok = token_info(tiny_data)
+    tok = tokenizer_token_info(tiny_data / "tokenizer" / "spm.model")
     plain = Evaluator(str(tiny_data), SEQ_LEN, BATCH, BATCHES, rank=0, world=1, tok_info=tok, seed=3)
     modes = Evaluator(str(tiny_data), SEQ_LEN, BATCH, BATCHES, rank=0, world=1, tok_info=tok, seed=3,
                       mode_tokens=True)
