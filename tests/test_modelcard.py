@@ -196,3 +196,54 @@ def test_add_downstream_section_and_metadata(resumed_run, tiny_data):
     assert [r["task"]["type"] for r in results] == ["fill-mask", "text-classification"]
     assert results[1]["metrics"][0]["value"] == 0.7 and results[1]["task"]["name"] == "blanked keyword"
     assert card.index("## Results") < card.index("## Downstream evaluation") < card.index("## Limitations")
+
+
+def mode_rows(card: str) -> dict[str, tuple[str, int]]:
+    """objective -> (token, id) from the card's mode-token table."""
+    rows = re.findall(r"^\| (\w+) \| `(\[MODE_\w+\])` \| (\d+) \|", card, flags=re.M)
+    return {name: (token, int(i)) for name, token, i in rows}
+
+
+def test_card_documents_mode_tokens_with_the_export_tokenizer_ids(tmp_path, tiny_data):
+    """A run with mode tokens: the card names each mode's token and id, which are the ids of the tokenizer files an
+    export ships and of the tokenizer training used; the snippet prepends the chosen id."""
+    from transformers import AutoTokenizer
+
+    from data.hf_tokenizer import write_hf_tokenizer
+    from data.tokenizer import Tokenizer
+
+    run = tmp_path / "run"
+    write_events(run / "tensorboard", {"loss/prefix": [(1, 7.0), (2, 6.8)], "eval/prefix_loss": [(2, 6.5)],
+                                       "eval/prefix_accuracy": [(2, 0.05)], "eval/prefix_perplexity": [(2, 665.1)],
+                                       "eval/causal_perplexity": [(2, 700.2)]})
+    info = run_info(tiny_data, step=2, eval_path=str(tiny_data))
+    info["config"]["objectives"].update(mix={"causal": 0.3, "prefix": 0.5, "span": 0.2}, mode_tokens=True)
+    ckpt = run / "checkpoints"
+    (ckpt / "step_00000002").mkdir(parents=True)
+    out = tmp_path / "export"
+    write_hf_tokenizer(tiny_data / "tokenizer" / "spm.model", out, model_max_length=512)
+    card = write_model_card(out, ckpt, "step_00000002", info, with_head=False, dtype="fp32").read_text()
+
+    modes = mode_rows(card)
+    assert set(modes) == {"mlm", "span", "causal", "prefix"}, card
+    hf = AutoTokenizer.from_pretrained(out)
+    training = Tokenizer(tiny_data / "tokenizer" / "spm.model").mode_ids
+    for name, (token, i) in modes.items():
+        assert hf.convert_tokens_to_ids(token) == i == training[name], (name, token, i)
+        assert i in hf.all_special_ids, "a mode token must be special: never split, never masked"
+    shipped = {t["content"]: t["id"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"]}
+    assert {token: i for token, i in modes.values()} == {t: shipped[t] for t, _ in modes.values()}
+    assert "| prefix | `[MODE_PREFIX]` | 8 | prefix attention (bidirectional prefix, causal after it) | 50% |" in card
+    assert "| mlm | `[MODE_MLM]` | 5 | bidirectional attention | 0% (never seen in training) |" in card
+    # the snippet selects span, the bidirectional mode this mix trained (mlm was not in it)
+    assert 'tok.convert_tokens_to_ids("[MODE_SPAN]")' in card and "Here the span mode, `[MODE_SPAN]` = 6" in card
+    assert "| prefix | 6.8000 | n/a | 6.5000 | 0.0500 |" in card
+    assert "Held-out perplexity: causal 700.2, prefix 665.1." in card
+    assert "pretrained with causal, prefix and span language modelling only" in card
+    assert front_matter(card)["model-index"][0]["results"][0]["task"]["name"] == "prefix language modelling"
+
+
+def test_card_without_mode_tokens_warns_against_them(resumed_run, tiny_data):
+    card, _ = card_for(resumed_run, run_info(tiny_data, step=40), None)
+    assert "## Mode tokens" not in card and not mode_rows(card)
+    assert "Mode tokens: off" in card and "[MODE_PREFIX] (8)" in card and "never saw them" in card

@@ -114,3 +114,14 @@ def runs(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     starts = (edges == 1).nonzero()
     ends = (edges == -1).nonzero()
     return starts[:, 0] * T + starts[:, 1], ends[:, 0] * T + ends[:, 1]
+
+
+def tokenizer_token_info(spm_model) -> TokenInfo:
+    """The TokenInfo the trainer builds from a prepared dataset's SentencePiece model (real ids, not the synthetic
+    ones above)."""
+    from data.tokenizer import Tokenizer
+
+    tok = Tokenizer(spm_model)
+    return TokenInfo(vocab_size=tok.vocab_size, pad_id=tok.pad_id, cls_id=tok.cls_id, sep_id=tok.sep_id,
+                     mask_id=tok.mask_id, special_ids=tuple(tok.special_ids), first_ordinary_id=tok.first_ordinary_id,
+                     mode_ids=tuple(sorted(tok.mode_ids.items())), word_start=torch.as_tensor(tok.word_start))

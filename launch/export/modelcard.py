@@ -1,7 +1,8 @@
 """The export's model card: README.md (Hugging Face metadata, how to load with transformers and sentence-transformers,
-data, objectives and schedule, steps, tokens, training and held-out metrics per objective, hardware and wall time,
-intended use and limits) and loss_curves.png (training and evaluation loss per objective). launch.downstream adds
-its fine-tuning result (add_downstream).
+data, objectives and schedule, the mode tokens and how to select a mode when the run trained with them, steps,
+tokens, training and held-out metrics per objective, hardware and wall time, intended use and limits) and
+loss_curves.png (training and evaluation loss per objective). launch.downstream adds its fine-tuning result
+(add_downstream).
 
 Everything comes from files the run already wrote: run.json in the checkpoint (resolved config, encoder shape,
 step, tokens), the manifests of the training and evaluation data, the TensorBoard event files (metrics.jsonl when
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from data.manifest import load_manifest
+from data.tokenizer import MODE_TOKENS, SPECIAL_TOKENS
 
 PNG_NAME = "loss_curves.png"
 CARD_NAME = "README.md"
@@ -172,6 +174,66 @@ def _data(train: dict | None, evaluation: dict | None) -> list[str]:
     return lines
 
 
+OBJECTIVE_WORDS = {"mlm": "masked", "span": "span", "causal": "causal", "prefix": "prefix"}
+"""How the card names each objective's kind of language modelling."""
+
+BIDIRECTIONAL_MODES = ("mlm", "span")
+"""Modes trained under bidirectional attention: the attention stock transformers' ModernBERT applies."""
+
+
+def objectives_phrase(mix: dict) -> str:
+    """'masked, span and causal language modelling' for the objectives of a mix, in the mix's order."""
+    words = [OBJECTIVE_WORDS.get(n, n) for n in mix] or ["masked"]
+    return (", ".join(words[:-1]) + " and " if len(words) > 1 else "") + words[-1] + " language modelling"
+
+
+def mode_token_ids() -> dict[str, tuple[str, int]]:
+    """Objective -> (mode token, id): the ids every cloze tokenizer gives them (data/tokenizer.py fixes the special
+    tokens' ids, and the trainer's TokenInfo.mode_ids come from the same table)."""
+    return {name: (token, SPECIAL_TOKENS.index(token)) for name, token in MODE_TOKENS.items()}
+
+
+def _mode_tokens(cfg: dict) -> list[str]:
+    """With mode tokens on: which token and id announces each objective, how to select a mode from transformers
+    (prepend its id), and which modes a stock forward reproduces. Off: a warning not to use the ids."""
+    o = cfg.get("objectives", {})
+    mix = o.get("mix", {})
+    modes = mode_token_ids()
+    if not o.get("mode_tokens"):
+        listed = ", ".join(f"{tok} ({i})" for tok, i in modes.values())
+        return ["", f"Mode tokens were off in this run: the ids {listed} are in the vocabulary but the model never saw "
+                    "them; do not add them to inputs."]
+    total = sum(mix.values()) or 1.0
+    lines = ["", "## Mode tokens", "",
+             "This model was trained with UL2-style mode tokens: position 0 of every training row held the mode "
+             "token of the objective that built the row, and the held-out evaluation below did the same. The ids are "
+             "those of this folder's tokenizer (`tokenizer.json`; `special_tokens_map.json` lists the tokens as "
+             "additional special tokens):", "",
+             "| objective | mode token | id | trained under | share of training micro-batches |",
+             "| --- | --- | --- | --- | --- |"]
+    attention = {"mlm": "bidirectional attention", "span": "bidirectional attention", "causal": "causal attention",
+                 "prefix": "prefix attention (bidirectional prefix, causal after it)"}
+    for name, (token, i) in modes.items():
+        share = f"{mix[name] / total:.0%}" if mix.get(name) else "0% (never seen in training)"
+        lines.append(f"| {name} | `{token}` | {i} | {attention.get(name, 'n/a')} | {share} |")
+    chosen = next((n for n in (*BIDIRECTIONAL_MODES, *mix) if mix.get(n)), "mlm")
+    token, i = modes[chosen]
+    text = 'def add(a, b):\\n    return a + b\\n'
+    lines += ["", "To select a mode, put its id first in `input_ids`, in front of the [CLS] the tokenizer adds (the "
+                  f"tokenizer never adds a mode token itself). Here the {chosen} mode, `{token}` = {i}:", "",
+              "```python", "import torch", "from transformers import AutoModel, AutoTokenizer",
+              'tok, model = AutoTokenizer.from_pretrained("."), AutoModel.from_pretrained(".")',
+              f'ids = torch.tensor([[tok.convert_tokens_to_ids("{token}"), *tok("{text}")["input_ids"]]])'
+              "  # mode, [CLS], text, [SEP]",
+              "hidden = model(input_ids=ids).last_hidden_state  # [1, tokens, hidden]", "```", "",
+              "Stock transformers' ModernBERT attends bidirectionally everywhere, as the mlm and span modes were "
+              "trained. The causal and prefix modes were trained under causal and prefix attention masks, which a "
+              "plain forward does not apply: use `[MODE_MLM]` (or `[MODE_SPAN]`) for fill-mask, embeddings and "
+              "fine-tuning. The causal and prefix modes are reproduced only under their masks, in cloze's own "
+              "encoder (`Encoder.forward(ids, attention=\"prefix\", prefix_len=...)`)."]
+    return lines
+
+
 def _objectives(cfg: dict, world: Any) -> list[str]:
     t, o = cfg.get("train", {}), cfg.get("objectives", {})
     mix, params = o.get("mix", {}), o.get("params") or {}
@@ -183,7 +245,8 @@ def _objectives(cfg: dict, world: Any) -> list[str]:
     micro, accum, seq_len = t.get("micro_batch_size"), t.get("grad_accum"), cfg.get("data", {}).get("seq_len")
     rows = micro * accum * world if None not in (micro, accum, world) else "n/a"
     wsd = f", decaying over the last {t.get('decay_frac')} of the steps" if t.get("schedule") == "wsd" else ""
-    lines += ["", f"Mode tokens: {'on' if o.get('mode_tokens') else 'off'}. AdamW, peak learning rate {t.get('lr')}, "
+    modes = "on (see Mode tokens below)" if o.get("mode_tokens") else "off"
+    lines += ["", f"Mode tokens: {modes}. AdamW, peak learning rate {t.get('lr')}, "
                   f"schedule `{t.get('schedule')}` ({t.get('warmup_steps')} warm-up steps, ending at "
                   f"{t.get('min_lr_ratio')} x peak{wsd}), weight decay {t.get('weight_decay')}, betas "
                   f"{t.get('betas')}, gradient clip {t.get('grad_clip')}. Batch: {micro} rows x {accum} accumulation "
@@ -225,19 +288,22 @@ def _results(scalars: dict[str, Series], step: int) -> list[str]:
         return "n/a" if value is None else f"{value:.4f}"
 
     lines = ["", "## Results", "", f"Training: the last logged window at or before step {step}. "
-             + (f"Held-out: the fixed evaluation set at step {at} (masks at 15%, the same at every evaluation)."
+             + (f"Held-out: the fixed evaluation set at step {at} (the same rows and masks at every evaluation: "
+                "MLM and span masking at 15%, causal LM, and prefix LM split uniformly within 20-80% of each row)."
                 if at is not None else "This run had no evaluation set (`eval.path`), so there are no held-out "
                 "metrics."), "",
              "| objective | training loss | training accuracy | held-out loss | held-out accuracy |",
              "| --- | --- | --- | --- | --- |"]
     lines += [f"| {n} | {cell(f'loss/{n}')} | {cell(f'accuracy/{n}')} | {cell(f'eval/{n}_loss')} "
               f"| {cell(f'eval/{n}_accuracy')} |" for n in names]
-    if "eval/causal_perplexity" in evals:
-        lines += ["", f"Held-out causal perplexity: {evals['eval/causal_perplexity'][1]:.1f}."]
+    perplexities = [f"{n} {evals[f'eval/{n}_perplexity'][1]:.1f}" for n in ("causal", "prefix")
+                    if f"eval/{n}_perplexity" in evals]
+    if perplexities:
+        lines += ["", f"Held-out perplexity: {', '.join(perplexities)}."]
     return lines + ["", f"![Training and evaluation loss per objective]({PNG_NAME})", ""]
 
 
-def _use_and_limits(enc: dict, seq_len: Any, step: int, verification: dict | None) -> list[str]:
+def _use_and_limits(enc: dict, seq_len: Any, step: int, verification: dict | None, mix: dict) -> list[str]:
     lines = []
     if verification:
         lines += ["## Verification", "", f"At export, `transformers.{verification['architecture']}` loaded this "
@@ -248,8 +314,8 @@ def _use_and_limits(enc: dict, seq_len: Any, step: int, verification: dict | Non
     return lines + [
         "## Intended use", "",
         "A starting point for fine-tuning on tasks in the domain of the training data (classification, retrieval, "
-        "token tagging), and for sentence embeddings after such fine-tuning. It was pretrained with masked, span and "
-        "causal language modelling only: its raw embeddings were not trained for similarity.", "",
+        "token tagging), and for sentence embeddings after such fine-tuning. It was pretrained with "
+        f"{objectives_phrase(mix)} only: its raw embeddings were not trained for similarity.", "",
         "## Limitations", "",
         "- It knows the training data listed above only; expect little transfer to other languages or domains.",
         f"- Trained on rows of {seq_len} tokens: longer inputs run (RoPE, up to {enc.get('max_position_embeddings')} "
@@ -273,9 +339,10 @@ def metadata(info: dict, scalars: dict[str, Series], with_head: bool, n_params: 
     metrics = [{"type": kind, "name": f"held-out {tag[5:]}", "value": round(_last(scalars, tag), 4)}
                for tag in sorted(scalars) for kind in ("accuracy", "loss")
                if tag.startswith("eval/") and tag.endswith(f"_{kind}") and scalars[tag]]
+    evaluated = {n: 1 for n in OBJECTIVE_WORDS if scalars.get(f"eval/{n}_loss")}
     if metrics:
         meta["model-index"] = [{"name": "cloze-encoder", "results": [{
-            "task": {"type": "fill-mask", "name": "masked, span and causal language modelling"},
+            "task": {"type": "fill-mask", "name": objectives_phrase(evaluated)},
             "dataset": {"type": "held-out", "name": "cloze held-out evaluation set"}, "metrics": metrics}]}]
     return meta
 
@@ -357,9 +424,11 @@ def render_card(info: dict, tag: str, scalars: dict[str, Series], summary: dict 
     lines += _how_to_load(with_head)
     lines += _data(train_data, eval_data)
     lines += _objectives(cfg, info.get("world_size"))
+    lines += _mode_tokens(cfg)
     lines += _run(info, scalars, summary, precision)
     lines += _results(scalars, step)
-    lines += _use_and_limits(enc, cfg.get("data", {}).get("seq_len"), step, verification)
+    lines += _use_and_limits(enc, cfg.get("data", {}).get("seq_len"), step, verification,
+                             cfg.get("objectives", {}).get("mix", {}))
     lines += ["## Files", "", ", ".join(f"`{f}`" for f in dict.fromkeys([*files, CARD_NAME, PNG_NAME])), ""]
     return "\n".join(lines)
 

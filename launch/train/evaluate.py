@@ -1,9 +1,12 @@
 """Evaluation on held-out shards with a fixed set: the same rows and the same masks at every evaluation and in
 every run with the same eval seed, so curves are comparable across steps and across runs.
 
-Reported: MLM loss and accuracy at 15% (BERT 80/10/10, whatever the training mix says), span-masking loss
-(SpanBERT defaults) and causal loss / perplexity. Each rank evaluates its own disjoint slice of the eval shards;
-sums are all-reduced, so the numbers do not depend on how the set was split.
+Reported, whatever the training mix says: MLM loss and accuracy at 15% (BERT 80/10/10), span-masking loss
+(SpanBERT defaults), causal loss / perplexity, and prefix-LM loss / perplexity (the split drawn uniformly within
+20-80% of each row, next-token loss after it under prefix attention). A run trained with mode tokens
+(objectives.mode_tokens) is evaluated with them too: each objective's rows start with its mode token, exactly as
+in training, so the held-out numbers measure the model as it was trained to be used. Each rank evaluates its own
+disjoint slice of the eval shards; sums are all-reduced, so the numbers do not depend on how the set was split.
 """
 
 from __future__ import annotations
@@ -13,12 +16,16 @@ import math
 import torch
 import torch.distributed as dist
 
-EVAL_OBJECTIVES = {"mlm": {"rate": 0.15}, "span": {"rate": 0.15, "p": 0.2, "max_span": 10}, "causal": {}}
+# Append new objectives at the end: each one's masks are drawn from its position, so the others' stay the same.
+EVAL_OBJECTIVES = {"mlm": {"rate": 0.15}, "span": {"rate": 0.15, "p": 0.2, "max_span": 10}, "causal": {},
+                   "prefix": {"min_frac": 0.2, "max_frac": 0.8}}
+LANGUAGE_MODELS = ("causal", "prefix")
+"""Objectives whose loss is a next-token loss, so their perplexity is reported too."""
 
 
 class Evaluator:
     def __init__(self, path: str, seq_len: int, batch_size: int, batches: int, rank: int, world: int,
-                 tok_info, seed: int = 0):
+                 tok_info, seed: int = 0, mode_tokens: bool = False):
         from data.stream import PackedStream
         from objectives import build_objective, step_generator
 
@@ -30,7 +37,8 @@ class Evaluator:
             rows, doc_ids = next(it)
             for j, (name, params) in enumerate(EVAL_OBJECTIVES.items()):
                 gen = step_generator(seed, rank, i, j)
-                self.sets[name].append(build_objective(name, params)(rows, doc_ids, gen, tok_info))
+                objective = build_objective(name, params, mode_tokens=mode_tokens)
+                self.sets[name].append(objective(rows, doc_ids, gen, tok_info))
         self.rows = batches * batch_size
 
     @torch.no_grad()
@@ -58,6 +66,7 @@ class Evaluator:
                 continue
             result[f"eval/{name}_loss"] = loss_sum / labels
             result[f"eval/{name}_accuracy"] = correct / labels
-        if "eval/causal_loss" in result:
-            result["eval/causal_perplexity"] = math.exp(min(50.0, result["eval/causal_loss"]))
+        for name in LANGUAGE_MODELS:
+            if f"eval/{name}_loss" in result:
+                result[f"eval/{name}_perplexity"] = math.exp(min(50.0, result[f"eval/{name}_loss"]))
         return result

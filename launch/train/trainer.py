@@ -167,7 +167,8 @@ class Trainer:
             from launch.train.evaluate import Evaluator
 
             self.evaluator = Evaluator(cfg.eval.path, cfg.data.seq_len, t.micro_batch_size, cfg.eval.batches,
-                                       self.rank, self.world, self.tok_info, seed=cfg.eval.seed)
+                                       self.rank, self.world, self.tok_info, seed=cfg.eval.seed,
+                                       mode_tokens=cfg.objectives.mode_tokens)
         self.preempt = Preemption(self.rank, self.device)
         self.metrics = Metrics(self.out_dir, list(self.objectives), self.rank, t.max_steps, self.device,
                                {"config": cfg.to_dict(), "deepspeed": ds_config}, seq_len=cfg.data.seq_len,
