@@ -177,9 +177,20 @@ def parse(key: str, raw: Any, max_steps: int, problems: list[str], weights: bool
     return Schedule(key, tuple(knots), between)
 
 
-def _schedulable(config_type: type) -> set[str]:
-    """Float fields of an objective's config: the parameters a schedule may move."""
-    return {f.name for f in dataclasses.fields(config_type) if "float" in str(f.type)}
+def _fields(objective: str) -> set[str]:
+    """The parameters of objective `objective` (none for an unknown name: the mixer names that mistake)."""
+    from objectives import OBJECTIVES
+
+    spec = OBJECTIVES.get(objective)
+    return {f.name for f in dataclasses.fields(spec.config)} if spec else set()
+
+
+def _schedulable(objective: str) -> set[str]:
+    """Float parameters of objective `objective`: the ones a schedule may move."""
+    from objectives import OBJECTIVES
+
+    spec = OBJECTIVES.get(objective)
+    return {f.name for f in dataclasses.fields(spec.config) if "float" in str(f.type)} if spec else set()
 
 
 @dataclass
@@ -301,6 +312,9 @@ def build(cfg: RunConfig, problems: list[str] | None = None) -> RunSchedules | N
             if not is_schedule(value):
                 continue
             key = f"objectives.params.{name}.{param}"
+            if param in _fields(name) - _schedulable(name):
+                own.append(f"{key}: only a number parameter can follow a schedule; give it one value")
+                continue
             schedule = parse(key, value, max_steps, own)
             if schedule is not None:
                 moving.setdefault(name, {})[param] = schedule
@@ -341,12 +355,6 @@ def check_objectives(cfg: RunConfig) -> list[str]:
         if name not in OBJECTIVES:
             continue  # the mixer already reported it, with the nearest valid name
         moving = run.moving.get(name, {})
-        bad_type = sorted(set(moving) - _schedulable(OBJECTIVES[name].config))
-        for param in bad_type:
-            problems.append(f"objectives.params.{name}.{param}: only a number parameter can follow a schedule; "
-                            f"give it one value")
-        if bad_type:
-            continue
         steps = sorted({0, *(k.step for s in moving.values() for k in s.knots)})
         for step in steps:
             params = {**run.params.get(name, {}), **{p: s.value_at(step) for p, s in moving.items()}}
