@@ -216,8 +216,13 @@ class EvalConfig:
 class ObjectivesConfig:
     mix: dict[str, float] = field(default_factory=lambda: {"mlm": 0.8, "span": 0.1, "causal": 0.1})
     """Objective name -> weight; weights are normalised, so {mlm: 8, causal: 2} means 80% / 20% of micro-batches."""
+    schedule: list[Any] | dict[str, Any] | None = None
+    """Knots of the mix after step 0 (objectives.mix is the mix at step 0), e.g. causal for the first 75% of the
+    steps, then MLM: mix {causal: 1} with schedule {hold: [[75%, {mlm: 1}]]}. A plain knot list moves the shares
+    linearly between knots. Syntax and semantics: launch/train/schedules.py. None: the mix is fixed."""
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per-objective parameters, e.g. {mlm: {rate: 0.3}}; passed to objectives.build_objective."""
+    """Per-objective parameters, e.g. {mlm: {rate: 0.3}}; passed to objectives.build_objective. A float parameter
+    may be a schedule, e.g. {mlm: {rate: [[0, 0.30], [100%, 0.15]]}} (launch/train/schedules.py)."""
     mode_tokens: bool = False
     """Prepend a UL2-style mode token per objective."""
 
@@ -519,11 +524,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def validate(cfg: RunConfig) -> list[str]:
     """Every check that needs only the config and the code (not the data or the world size)."""
+    from launch.train.schedules import check_objectives
     from model.attention import ATTENTION_BACKENDS
     from model.config import LEGACY_ROPE_THETA, EncoderConfig
     from model.head_loss import HEAD_LOSSES
-    from objectives import OBJECTIVES, build_objective
-    from objectives.mixer import Mixer
 
     t, d = cfg.train, cfg.data
     if unusable := _unusable_paths(cfg):
@@ -616,21 +620,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if d.seq_len > max_pos and not cfg.init_from:  # with init_from, preflight checks the folder's
         p.append(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={max_pos}")
 
-    o = cfg.objectives
-    try:
-        Mixer(dict(o.mix), seed=t.seed)
-    except ValueError as e:
-        p.append(f"objectives.mix: {e}")
-    for name in o.params:
-        if name not in o.mix:
-            warn(f"objectives.params.{name} is ignored: '{name}' is not in objectives.mix")
-    for name in o.mix:
-        if name not in OBJECTIVES:
-            continue  # the mixer already reported it, with the nearest valid name
-        try:
-            build_objective(name, dict(o.params.get(name) or {}), mode_tokens=o.mode_tokens)
-        except ValueError as e:
-            p.append(f"objectives.{name}: {e}")
+    p += check_objectives(cfg)  # the mix, its schedule and every objective's (scheduled) parameters
     return p
 
 

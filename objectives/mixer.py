@@ -11,7 +11,9 @@ the phase of the sequence.
 Weights are any non-negative numbers (not all zero), normalised. A schedule lists (step, weights)
 knots after step 0; the normalised weights move linearly from knot to knot, starting from
 `weights` at step 0, and stay at the last knot's afterwards. An objective missing from a knot has
-weight 0 there. To hold the weights and then ramp, repeat them at the step where the ramp starts.
+weight 0 there. To hold the weights and then ramp, repeat them at the step where the ramp starts. With
+between="hold" the weights move step-wise instead: each knot's weights hold until the next knot (a curriculum that
+switches objectives, e.g. causal first and masked after).
 
 record(name, batch) counts batches, tokens and labels per objective for logging; the counts go into
 state_dict() (plain JSON types) so that they survive a resume.
@@ -31,6 +33,8 @@ from objectives.registry import OBJECTIVES
 
 _MIXER_DOMAIN = 0x6D697865  # keeps the phase apart from other users of mix64(seed, ...)
 _TWO64 = float(1 << 64)
+BETWEEN = ("linear", "hold")
+"""How the weights move from one schedule knot to the next."""
 
 
 def _check_weights(where: str, weights: Any, known: Collection[str] | None, problems: list[str]) -> None:
@@ -68,13 +72,17 @@ class Mixer:
         seed: int,
         schedule: Sequence[tuple[int, Mapping[str, float]]] | None = None,
         known: Collection[str] | None = None,
+        between: str = "linear",
     ) -> None:
         """weights: objective name -> weight at step 0. seed: sets the phase (same on all ranks).
         schedule: (step, weights) knots, steps increasing and > 0. known: the valid names
-        (default: the registry's objectives)."""
+        (default: the registry's objectives). between: "linear" (interpolate from knot to knot) or "hold"
+        (each knot's weights until the next knot)."""
         if known is None:
             known = OBJECTIVES.keys()
         problems: list[str] = []
+        if between not in BETWEEN:
+            problems.append(f"between: must be one of {', '.join(BETWEEN)}, got {between!r}")
         _check_weights("weights", weights, known, problems)
         knots: list[tuple[int, Mapping[str, float]]] = [(0, weights)]
         previous = 0
@@ -92,6 +100,7 @@ class Mixer:
         if problems:
             raise ValueError("invalid objective mix: " + "; ".join(problems))
         self.seed = int(seed)
+        self.between = between
         self.names: tuple[str, ...] = tuple(sorted({n for _, w in knots for n in w}))
         """Objective names in a fixed (sorted) order, so every rank cuts [0, 1) the same way."""
         self._config = {
@@ -99,6 +108,8 @@ class Mixer:
             "weights": {n: float(w) for n, w in weights.items()},
             "schedule": [[s, {n: float(v) for n, v in w.items()}] for s, w in knots[1:]],
         }
+        if between != "linear":  # absent under the default, so a linear mix's state is what it always was
+            self._config["between"] = between
         self._steps = [s for s, _ in knots]
         self._probs = []
         for _, w in knots:
@@ -116,8 +127,11 @@ class Mixer:
             row = probs[-1]
         else:
             i = max(k for k, s in enumerate(steps) if s <= step)
-            t = (step - steps[i]) / (steps[i + 1] - steps[i])
-            row = [a + (b - a) * t for a, b in zip(probs[i], probs[i + 1])]
+            if self.between == "hold":
+                row = probs[i]
+            else:
+                t = (step - steps[i]) / (steps[i + 1] - steps[i])
+                row = [a + (b - a) * t for a, b in zip(probs[i], probs[i + 1])]
         return dict(zip(self.names, row))
 
     def uniform(self, step: int) -> float:
@@ -170,9 +184,9 @@ class Mixer:
             raise ValueError(f"Mixer state has version {state.get('version')!r}; this code reads version 1")
         if strict:
             diffs = [
-                f"{key}: checkpoint {state.get(key)!r} vs config {self._config[key]!r}"
-                for key in ("seed", "weights", "schedule")
-                if _jsonish(state.get(key)) != _jsonish(self._config[key])
+                f"{key}: checkpoint {state.get(key, default)!r} vs config {self._config.get(key, default)!r}"
+                for key, default in (("seed", None), ("weights", None), ("schedule", None), ("between", "linear"))
+                if _jsonish(state.get(key, default)) != _jsonish(self._config.get(key, default))
             ]
             if diffs:
                 raise ValueError(

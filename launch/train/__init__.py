@@ -7,6 +7,7 @@
     engine_config.py  deepspeed_config.json resolved against the config (one source of truth for batch sizes)
     trainer.py        the loop
     optim.py          optimizer and LR schedule
+    schedules.py      knot schedules: the objective mix and objective parameters that move during a run
     evaluate.py       held-out evaluation
     metrics.py        TensorBoard, metrics.jsonl, the progress line
     checkpoint.py     checkpoints: layout, `latest`, run.json

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 from launch.config import RunConfig
+from launch.train.schedules import build as build_schedules
 from model.config import EncoderConfig
 
 
@@ -118,6 +119,7 @@ def describe(cfg: RunConfig, world: int, ds_config: dict, vocab_size: int, preci
         mark = "  <- this run" if stage == chosen else ""
         lines.append(f"ZeRO-{stage}: weights {gib(m['weights'])} + grads {gib(m['grads'])} + optimizer "
                      f"{gib(m['optimizer'])} + activations {gib(act)} = {gib(m['total'] + act)}{mark}")
+    lines += phase_table(cfg)
     return "\n".join(lines)
 
 
@@ -129,11 +131,44 @@ def activation_line(what: str, a: dict[str, float]) -> str:
 
 
 def expected_labelled_fraction(cfg: RunConfig) -> float:
-    """Share of positions with a label, averaged over the mix (MLM/span: their rate; causal/prefix: ~all / half)."""
+    """Share of positions with a label, averaged over the mix (MLM/span: their rate; causal/prefix: ~all / half)
+    and, when the mix or a rate follows a schedule, over the run's steps."""
     share = {"causal": 1.0, "prefix": 0.5}
-    total = sum(cfg.objectives.mix.values())
-    frac = 0.0
-    for name, w in cfg.objectives.mix.items():
-        rate = (cfg.objectives.params.get(name) or {}).get("rate", 0.15)
-        frac += w / total * share.get(name, rate)
-    return frac
+    run = build_schedules(cfg)
+    steps = run.max_steps
+    samples = sorted({round(i * (steps - 1) / 999) for i in range(1000)}) if steps > 1000 else range(steps)
+    total = 0.0
+    for step in samples:
+        for name, w in run.shares_at(step).items():
+            moving = run.moving.get(name, {})
+            rate = moving["rate"].value_at(step) if "rate" in moving else run.params.get(name, {}).get("rate", 0.15)
+            total += w * share.get(name, float(rate))  # type: ignore[arg-type]
+    return total / len(samples)
+
+
+def phase_table(cfg: RunConfig) -> list[str]:
+    """`--dry-run`'s table of the run's phases when the objective mix or an objective parameter follows a schedule
+    (launch/train/schedules.py): one row per phase, each value where the phase starts and, when it ramps, where
+    it arrives. Steps are counted as the log counts them (the first step is 1)."""
+    run = build_schedules(cfg)
+    phases = run.phases()
+    if not run.mix_schedule and not run.moving:
+        return []
+    keys = list(phases[0][2])
+    header = ["steps"] + [k.replace("mix/", "share ") for k in keys]
+
+    def pct(step: int) -> str:
+        return f"{100 * step / run.max_steps:g}%"
+
+    rows = []
+    for a, b, start, end in phases:
+        cells = [f"{a + 1}-{b} ({pct(a)}-{pct(b)})"]
+        for k in keys:
+            moves = abs(start[k] - end[k]) > 1e-12
+            cells.append(f"{start[k]:.3f}" + (f" -> {end[k]:.3f}" if moves else ""))
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = [f"== schedules: {len(phases)} phase(s) over {run.max_steps} steps (share: of micro-batches; a -> b: "
+           f"ramps linearly to b where the phase ends)"]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return out

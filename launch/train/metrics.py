@@ -85,8 +85,11 @@ class Metrics:
             self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
             self.jsonl.flush()
 
-    def log(self, step: int, lr: float, grad_norm: float | None, start_step: int) -> dict:
-        """Collective at log steps: reduce the window over ranks, then rank 0 writes. Returns the reduced values."""
+    def log(self, step: int, lr: float, grad_norm: float | None, start_step: int,
+            scheduled: dict[str, float] | None = None) -> dict:
+        """Collective at log steps: reduce the window over ranks, then rank 0 writes. Returns the reduced values.
+        scheduled: the values of the run's schedules at this step (launch/train/schedules.py), written as
+        schedule/<key> beside share/<objective>, the realised share of the window's micro-batches."""
         # One reduction for everything, on the device (NCCL reduces GPU tensors only).
         extra = torch.tensor([self.tokens, self.data_wait, self.flops], dtype=torch.float64)
         flat = torch.cat([self.acc.flatten(), extra]).to(self.device)
@@ -108,8 +111,13 @@ class Metrics:
         out["memory_gib"] = peak_memory_gib(self.device)
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
+        batches = acc[:, 3].sum().item()
+        for key, value in (scheduled or {}).items():
+            out[f"schedule/{key}"] = value
         for i, name in enumerate(self.names):
-            loss_sum, labels, correct, _ = acc[i].tolist()
+            loss_sum, labels, correct, count = acc[i].tolist()
+            if batches > 0 and len(self.names) > 1:
+                out[f"share/{name}"] = count / batches
             if labels > 0:
                 out[f"loss/{name}"] = loss_sum / labels
                 out[f"accuracy/{name}"] = correct / labels

@@ -27,6 +27,7 @@ from launch.train.preempt import Preemption
 from launch.train.preflight import preflight
 from launch.train.resume import data_identity, first_line, plan_resume, tampered_message
 from launch.train.runlock import RunDirLocked, RunLock, acquire
+from launch.train.schedules import build as build_schedules
 
 
 class TrainingHalted(RuntimeError):
@@ -57,9 +58,7 @@ class Trainer:
         from data.loader import build_loader
         from model.config import EncoderConfig
         from model.heads import EncoderForPretraining
-        from objectives import build_objective
         from objectives.batch import TokenInfo
-        from objectives.mixer import Mixer
 
         self.cfg, self.env = cfg, env
         t = cfg.train
@@ -148,10 +147,9 @@ class Trainer:
         _import_deepspeed_muon_uncompiled()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        self.mixer = Mixer(dict(cfg.objectives.mix), seed=t.seed)
-        self.objectives = {name: build_objective(name, dict(cfg.objectives.params.get(name) or {}),
-                                                 mode_tokens=cfg.objectives.mode_tokens)
-                           for name in cfg.objectives.mix}
+        self.schedules = build_schedules(cfg)  # the mix and objective parameters by step (launch/train/schedules.py)
+        self.mixer = self.schedules.mixer(t.seed)
+        self.objectives = self.schedules.objectives(cfg.objectives.mode_tokens)
         self.step = 0
         self.tokens_seen = 0
         self._boundary: dict | None = None  # see _boundary_snapshot
@@ -344,7 +342,8 @@ class Trainer:
         tw = time.perf_counter()
         rows, doc_ids = next(it)
         wait = time.perf_counter() - tw
-        batch = self.objectives[name](rows, doc_ids, step_generator(t.seed, self.rank, step, micro), self.tok_info)
+        objective = self.schedules.objective_at(self.objectives[name], step, micro)
+        batch = objective(rows, doc_ids, step_generator(t.seed, self.rank, step, micro), self.tok_info)
         # The host copy stays for the mixer's counts, which would otherwise read the device (a synchronisation).
         positions = (batch.labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # on the host: no device wait
         return {"name": name, "host": batch, "batch": self._to_device(batch), "tokens": rows.numel(), "wait": wait,
@@ -433,10 +432,12 @@ class Trainer:
                 self.bad_in_a_row = 0
             self.step += 1
             lr = self.scheduler.get_last_lr()[0]
-            self.metrics.step_record(self.step, {"loss": step_losses, "lr": lr})
+            scheduled = self.schedules.values_at(self.step - 1)  # the values the step just taken trained with
+            self.metrics.step_record(self.step, {"loss": step_losses, "lr": lr,
+                                                 **({"schedule": scheduled} if scheduled else {})})
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 gn = self.engine.get_global_grad_norm()
-                last = self.metrics.log(self.step, lr, None if gn is None else float(gn), start)
+                last = self.metrics.log(self.step, lr, None if gn is None else float(gn), start, scheduled)
                 self.metrics.data(self.step, self._data_stats())
             if self.evaluator and (self.step % self.cfg.eval.every == 0 or self.step == t.max_steps):
                 last_eval = self.evaluator.run(self.engine, self.device)

@@ -1,0 +1,367 @@
+"""Knot schedules: config values that move during a run (the objective mix, an objective's masking rate).
+
+In YAML a schedulable value is one of
+
+    rate: 0.15                                  # a constant
+    rate: [[0, 0.30], [100%, 0.15]]             # linear from knot to knot
+    rate: {linear: [[0, 0.30], [100%, 0.15]]}   # the same, spelt out
+    rate: {hold: [[0, 0.30], [50%, 0.15]]}      # step-wise: each knot's value holds until the next knot
+
+A knot is `[at, value]`. `at` is either an integer optimizer step or a share of train.max_steps written with a
+percent sign ("75%", "12.5%"), resolved to round-half-up(share x max_steps). A bare fraction such as 0.75 is refused:
+an integer always means a step and a percent sign always a share, so a knot never changes meaning with max_steps'
+type. The value of a knot at step s applies from the optimizer step that follows s completed steps (the log's step
+s + 1): `[[75%, ...]]` in a 20-step run leaves the first 15 steps before the knot. Resolved positions must strictly
+increase. Before the first knot the first value holds, after the last knot the last value.
+
+Where schedules are read:
+- `objectives.params.<objective>.<parameter>`: any float parameter of an objective (mlm.rate, span.rate,
+  mask_frac, prefix.min_frac, ...). Each micro-batch gets the value at its fractional step, step + micro/grad_accum.
+- `objectives.schedule`: knots of the objective mix after step 0 (objectives.mix is the mix at step 0), values are
+  weight mappings like objectives.mix. Weights are normalised per knot and the shares move between knots; an
+  objective missing from a knot has weight 0 there. The mixer follows it per micro-batch (objectives/mixer.py).
+
+Every value is a pure function of the step, so a resumed run continues the same values exactly: nothing about a
+schedule is kept in a checkpoint (the mixer's own state still records the mix knots and refuses a changed mix).
+data/ and objectives/ never import this module: the trainer evaluates the schedules and hands plain values on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from launch.config import RunConfig
+    from objectives.mixer import Mixer
+    from objectives.registry import Objective
+
+BETWEEN = ("linear", "hold")
+"""How a schedule moves from one knot to the next."""
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+SYNTAX = "[[0, 0.30], [100%, 0.15]] (linear) or {hold: [[0, 0.30], [50%, 0.15]]}"
+"""The short reminder every schedule error ends with."""
+
+Value = float | dict[str, float]
+
+
+@dataclass(frozen=True)
+class Knot:
+    step: int
+    """Resolved optimizer step."""
+    written: str
+    """The position as the config wrote it ("75%" or "15"), for messages and the dry-run table."""
+    value: Value
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A validated schedule: value_at(step) is a pure function of the (possibly fractional) optimizer step."""
+
+    key: str
+    """The dotted config key, e.g. objectives.params.mlm.rate."""
+    knots: tuple[Knot, ...]
+    between: str = "linear"
+
+    def value_at(self, step: float, before: bool = False) -> Value:
+        """The value at `step`; with before, the value just before it (a hold schedule's previous knot's value when
+        a knot sits at `step`: where a phase ends)."""
+        knots = self.knots
+        i = _last_at_or_before(knots, step)
+        if before and self.between == "hold" and i > 0 and knots[i].step == step:
+            i -= 1
+        if i < 0:
+            return knots[0].value
+        if self.between == "hold" or i == len(knots) - 1:
+            return knots[i].value
+        a, b = knots[i], knots[i + 1]
+        t = (step - a.step) / (b.step - a.step)
+        if isinstance(a.value, dict):
+            names = sorted(set(a.value) | set(b.value))
+            return {n: a.value.get(n, 0.0) + (b.value.get(n, 0.0) - a.value.get(n, 0.0)) * t for n in names}
+        return a.value + (b.value - a.value) * t
+
+    @property
+    def constant(self) -> bool:
+        return len({repr(k.value) for k in self.knots}) == 1
+
+
+def _last_at_or_before(knots: tuple[Knot, ...], step: float) -> int:
+    i = -1
+    for k, knot in enumerate(knots):
+        if knot.step <= step:
+            i = k
+    return i
+
+
+def resolve_at(at: Any, max_steps: int) -> int | str:
+    """A knot position as a step, or a problem text (a str) saying what is wrong with it."""
+    if isinstance(at, bool):
+        return f"position {at!r} is neither a step nor a share"
+    if isinstance(at, int):
+        return at if at >= 0 else f"step {at} is negative"
+    if isinstance(at, float):
+        return (f"position {at!r} is ambiguous: write a share of train.max_steps with a percent sign "
+                f"('{at * 100:g}%') or an integer step")
+    if isinstance(at, str) and (m := _PERCENT.match(at)):
+        share = Fraction(m.group(1))
+        if share > 100:
+            return f"position {at!r} lies after the run's end (100%)"
+        return math.floor(share * max_steps / 100 + Fraction(1, 2))
+    return f"position {str(at)[:40]!r} must be an integer step or a share like '75%'"
+
+
+def is_schedule(raw: Any) -> bool:
+    """Whether a parameter's value is written as a schedule: a knot list or a {linear|hold: knots} mapping (an
+    objective's parameters are otherwise plain scalars, so any list or mapping is read as one, and parse names
+    what is wrong with it)."""
+    return isinstance(raw, (list, Mapping))
+
+
+def parse(key: str, raw: Any, max_steps: int, problems: list[str], weights: bool = False,
+          first_step: int = 0) -> Schedule | None:
+    """The schedule `raw` at config key `key`, or None with a line per problem appended to `problems`.
+
+    weights: knot values are objective-weight mappings (checked by the mixer later), else finite numbers.
+    first_step: the lowest step a knot may sit at (1 for objectives.schedule, whose step 0 is objectives.mix)."""
+    from launch.config import shown
+
+    between = "linear"
+    knots_raw = raw
+    if isinstance(raw, Mapping):
+        if len(raw) != 1 or next(iter(raw)) not in BETWEEN:
+            problems.append(f"{key}: a schedule mapping has one key, linear or hold, got {shown(raw)}; e.g. {SYNTAX}")
+            return None
+        between, knots_raw = next(iter(raw.items()))
+    if not isinstance(knots_raw, list) or not knots_raw:
+        problems.append(f"{key}: expected a non-empty list of [at, value] knots, got {shown(knots_raw)}; "
+                        f"e.g. {SYNTAX}")
+        return None
+    knots: list[Knot] = []
+    before = len(problems)
+    for i, knot in enumerate(knots_raw):
+        where = f"{key}[{i}]"
+        if not isinstance(knot, list) or len(knot) != 2:
+            problems.append(f"{where}: a knot is [at, value], got {shown(knot)}; e.g. {SYNTAX}")
+            continue
+        at, value = knot
+        step = resolve_at(at, max_steps)
+        if isinstance(step, str):
+            problems.append(f"{where}: {step}")
+            continue
+        if step < first_step:
+            problems.append(f"{where}: the knot at {at} comes before step {first_step}; objectives.mix is the mix at "
+                            f"step 0, so objectives.schedule lists the knots after it")
+            continue
+        if weights:
+            if not isinstance(value, Mapping):
+                problems.append(f"{where}: the value must be a mapping of objective weights like objectives.mix, "
+                                f"got {shown(value)}")
+                continue
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            problems.append(f"{where}: the value must be a finite number, got {shown(value)}")
+            continue
+        if knots and step <= knots[-1].step:
+            problems.append(f"{where}: position {at} (step {step}) does not come after the previous knot's "
+                            f"({knots[-1].written}, step {knots[-1].step}) with train.max_steps={max_steps}; "
+                            f"knot positions must strictly increase")
+            continue
+        knots.append(Knot(step, str(at), dict(value) if weights else float(value)))
+    if len(problems) > before:
+        return None
+    return Schedule(key, tuple(knots), between)
+
+
+def _fields(objective: str) -> set[str]:
+    """The parameters of objective `objective` (none for an unknown name: the mixer names that mistake)."""
+    from objectives import OBJECTIVES
+
+    spec = OBJECTIVES.get(objective)
+    return {f.name for f in dataclasses.fields(spec.config)} if spec else set()
+
+
+def _schedulable(objective: str) -> set[str]:
+    """Float parameters of objective `objective`: the ones a schedule may move."""
+    from objectives import OBJECTIVES
+
+    spec = OBJECTIVES.get(objective)
+    return {f.name for f in dataclasses.fields(spec.config) if "float" in str(f.type)} if spec else set()
+
+
+@dataclass
+class RunSchedules:
+    """Every schedule of one run, parsed from a validated config; see the module docstring."""
+
+    mix: Mapping[str, float]
+    """objectives.mix: the weights at step 0."""
+    mix_schedule: Schedule | None
+    """objectives.schedule, or None for a fixed mix."""
+    params: dict[str, dict[str, Any]]
+    """Per objective, its fixed parameters (a schedule's value at step 0 in their place)."""
+    moving: dict[str, dict[str, Schedule]]
+    """Per objective, its scheduled parameters."""
+    max_steps: int
+    grad_accum: int
+
+    @property
+    def names(self) -> list[str]:
+        """Every objective the mix can choose over the run, in the order first named."""
+        out = list(self.mix)
+        for knot in self.mix_schedule.knots if self.mix_schedule else ():
+            out += [n for n in knot.value if n not in out]
+        return out
+
+    def mix_knots(self) -> list[tuple[int, dict[str, float]]]:
+        """The mix as (step, weights) knots from step 0: objectives.mix, then objectives.schedule's."""
+        return [(0, dict(self.mix))] + [(k.step, dict(k.value)) for k in (self.mix_schedule.knots
+                                                                           if self.mix_schedule else ())]
+
+    def shares_at(self, step: float, before: bool = False) -> dict[str, float]:
+        """The normalised mix at `step` (what the mixer draws from); before: see Schedule.value_at."""
+        knots = [Knot(s, str(s), _normalised(w)) for s, w in self.mix_knots()]
+        between = self.mix_schedule.between if self.mix_schedule else "linear"
+        value = Schedule("objectives.mix", tuple(knots), between).value_at(step, before)
+        assert isinstance(value, dict)
+        return {n: value.get(n, 0.0) for n in self.names}
+
+    def mixer(self, seed: int) -> Mixer:
+        """The mixer over micro-steps (step x grad_accum + micro): the mix knots scaled to micro-steps, so the
+        mixer's interpolation equals shares_at(step + micro / grad_accum)."""
+        from objectives.mixer import Mixer
+
+        knots = self.mix_knots()
+        between = self.mix_schedule.between if self.mix_schedule else "linear"
+        return Mixer(knots[0][1], seed=seed, schedule=[(s * self.grad_accum, w) for s, w in knots[1:]],
+                     between=between)
+
+    def objectives(self, mode_tokens: bool) -> dict[str, Objective]:
+        """Each objective with its fixed parameters (scheduled ones at their step-0 value)."""
+        from objectives import build_objective
+
+        return {n: build_objective(n, self.params.get(n, {}), mode_tokens=mode_tokens) for n in self.names}
+
+    def objective_at(self, base: Objective, step: int, micro: int) -> Objective:
+        """`base` with its scheduled parameters at micro-batch (step, micro); `base` itself when none moves."""
+        moving = self.moving.get(base.name)
+        if not moving:
+            return base
+        at = step + micro / self.grad_accum
+        values = {p: s.value_at(at) for p, s in moving.items()}
+        return dataclasses.replace(base, config=dataclasses.replace(base.config, **values))
+
+    def values_at(self, step: int) -> dict[str, float]:
+        """Every scheduled value at `step`, keyed for TensorBoard: mix/<name> (the share, when the mix moves) and
+        <objective>.<parameter>. Empty when nothing is scheduled."""
+        if not (self.mix_schedule or self.moving):
+            return {}
+        out = self._values(step)
+        return out if self.mix_schedule else {k: v for k, v in out.items() if not k.startswith("mix/")}
+
+    def boundaries(self) -> list[int]:
+        """Steps in [0, max_steps) where some schedule has a knot, with 0: the starts of the run's phases."""
+        every = [k.step for k in self.mix_schedule.knots] if self.mix_schedule else []
+        every += [k.step for m in self.moving.values() for s in m.values() for k in s.knots]
+        return sorted({0, *(s for s in every if s < self.max_steps)})
+
+    def phases(self) -> list[tuple[int, int, dict[str, float], dict[str, float]]]:
+        """(first step, end step, values at the first step, values where the phase ends) per phase; the end step
+        is the next phase's first (or max_steps): where a linear ramp arrives, while a held value stays."""
+        starts = self.boundaries()
+        ends = starts[1:] + [self.max_steps]
+        return [(a, b, self._values(a), self._values(b, before=True)) for a, b in zip(starts, ends)]
+
+    def _values(self, step: float, before: bool = False) -> dict[str, float]:
+        out = {f"mix/{n}": v for n, v in self.shares_at(step, before).items()}
+        for name, moving in self.moving.items():
+            out.update({f"{name}.{p}": float(s.value_at(step, before))  # type: ignore[arg-type]
+                        for p, s in moving.items()})
+        return out
+
+
+def _normalised(weights: Mapping[str, float]) -> dict[str, float]:
+    total = float(sum(weights.values()))
+    return {n: float(w) / total for n, w in weights.items()}
+
+
+def build(cfg: RunConfig, problems: list[str] | None = None) -> RunSchedules | None:
+    """The run's schedules. With `problems`, append one line per problem and return None when there are any;
+    without, a problem raises ConfigError (the config was validated, so that is a programming error)."""
+    from launch.config import ConfigError
+
+    own: list[str] = [] if problems is None else problems
+    before = len(own)
+    o, t = cfg.objectives, cfg.train
+    max_steps = max(1, t.max_steps)
+    mix_schedule = None
+    if o.schedule is not None:
+        mix_schedule = parse("objectives.schedule", o.schedule, max_steps, own, weights=True, first_step=1)
+    params: dict[str, dict[str, Any]] = {}
+    moving: dict[str, dict[str, Schedule]] = {}
+    for name, raw in o.params.items():
+        if not isinstance(raw, Mapping):
+            own.append(f"objectives.params.{name}: expected a mapping of its parameters, e.g. {{rate: 0.3}}, "
+                       f"got {raw!r:.80}")
+            continue
+        params[name] = dict(raw)
+        for param, value in raw.items():
+            if not is_schedule(value):
+                continue
+            key = f"objectives.params.{name}.{param}"
+            if param in _fields(name) - _schedulable(name):
+                own.append(f"{key}: only a number parameter can follow a schedule; give it one value")
+                continue
+            schedule = parse(key, value, max_steps, own)
+            if schedule is not None:
+                moving.setdefault(name, {})[param] = schedule
+                params[name][param] = schedule.value_at(0)
+    if len(own) > before:
+        if problems is None:
+            raise ConfigError(own)
+        return None
+    return RunSchedules(dict(o.mix), mix_schedule, params, moving, max_steps, max(1, t.grad_accum))
+
+
+def check_objectives(cfg: RunConfig) -> list[str]:
+    """The objectives section's problems: the mix and its schedule, each objective's parameters, and every
+    scheduled parameter at every knot of its objective (the parameters' constraints are intervals and sums, so a
+    value valid at every knot is valid between them too)."""
+    from launch.config import warn
+    from objectives import OBJECTIVES, build_objective
+    from objectives.mixer import Mixer
+
+    problems: list[str] = []
+    o = cfg.objectives
+    run = build(cfg, problems)
+    if run is None:
+        return problems
+    try:
+        Mixer(dict(o.mix), seed=cfg.train.seed)
+        if run.mix_schedule:  # knot steps are optimizer steps here, as in the config
+            Mixer(dict(o.mix), seed=cfg.train.seed, schedule=run.mix_knots()[1:], between=run.mix_schedule.between)
+    except ValueError as e:
+        key = "objectives.schedule" if "schedule[" in str(e) else "objectives.mix"
+        problems.append(f"{key}: {e}")
+    names = run.names
+    for name in o.params:
+        if name not in names:
+            warn(f"objectives.params.{name} is ignored: '{name}' is not in objectives.mix"
+                 + (" or objectives.schedule" if o.schedule is not None else ""))
+    for name in names:
+        if name not in OBJECTIVES:
+            continue  # the mixer already reported it, with the nearest valid name
+        moving = run.moving.get(name, {})
+        steps = sorted({0, *(k.step for s in moving.values() for k in s.knots)})
+        for step in steps:
+            params = {**run.params.get(name, {}), **{p: s.value_at(step) for p, s in moving.items()}}
+            try:
+                build_objective(name, params, mode_tokens=o.mode_tokens)
+            except (ValueError, TypeError) as e:
+                at = f" at step {step} (a knot of its schedule)" if moving else ""
+                problems.append(f"objectives.{name}{at}: {e}")
+                break
+    return problems

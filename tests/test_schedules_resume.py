@@ -1,0 +1,49 @@
+"""A scheduled run in a real 2-rank DeepSpeed run: stopped at a knot of its schedules and resumed, it trains to the
+uninterrupted run's losses bit for bit, and every step trains with the objective and rate its schedule names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def steps_of(out) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def test_resume_at_a_knot_is_bit_exact(tiny_data, tmp_path):
+    # Causal for steps 1-6, then MLM with its rate falling from 0.4 to 0.1 (knots at 6 and 12); two micro-batches
+    # per step, so the mixer and the rate move per micro-batch. The cut falls on the knot.
+    common = ["launch.train", "--config", "launch/configs/tiny.yaml", "--nproc", "2", f"data.path={tiny_data}",
+              "train.precision=fp32", "train.max_steps=12", "train.log_every=3", "train.grad_accum=2",
+              "train.micro_batch_size=4", "objectives.mix={causal: 1}",
+              "objectives.schedule={hold: [[50%, {mlm: 1}]]}",
+              "objectives.params.mlm.rate=[[50%, 0.4], [100%, 0.1]]"]
+    run_cli([*common, f"out_dir={tmp_path / 'whole'}"], check=True)
+    first = run_cli([*common, f"out_dir={tmp_path / 'cut'}", "train.stop_at=6"], check=True)
+    assert "stopped at step 6" in first.stderr
+    second = run_cli([*common, f"out_dir={tmp_path / 'cut'}"], check=True)
+    assert "resumed from" in second.stderr
+
+    whole, cut = steps_of(tmp_path / "whole"), steps_of(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(1, 13)), "a gap or a repeated step in the resumed curve"
+    assert [r["loss"] for r in cut] == [r["loss"] for r in whole]  # fp32 CPU, same world: exactly equal
+    assert [r["schedule"] for r in cut] == [r["schedule"] for r in whole]
+    # The realised objectives follow the hold schedule: causal only before the knot, MLM only from it.
+    assert all(set(r["loss"]) == {"causal"} for r in whole[:6])
+    assert all(set(r["loss"]) == {"mlm"} for r in whole[6:])
+    rates = [r["schedule"]["mlm.rate"] for r in whole]
+    assert rates[:7] == [0.4] * 7 and rates[-1] == pytest.approx(0.4 - 0.3 * 5 / 6)
+    assert [r["schedule"]["mix/mlm"] for r in whole] == [0.0] * 6 + [1.0] * 6
+
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["objectives"]["causal"]["batches"] == 12 and summary["objectives"]["mlm"]["batches"] == 12
+    final = summary["final"]  # what TensorBoard got at the last log step: the scheduled values and realised shares
+    assert final["share/mlm"] == 1.0 and final["share/causal"] == 0.0
+    assert final["schedule/mlm.rate"] == pytest.approx(rates[-1])
