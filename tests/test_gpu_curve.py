@@ -1,7 +1,7 @@
 """On a GPU, training follows the CPU fp32 loss curve of the same run: in fp32 within FP32_TOL at every step, and in
 bf16, with the shipped defaults and with the speed options on (FlexAttention, compiled layers, the fused head
-loss), within BF16_TOL. The reference is the CPU fp32 run of the same config on the same data, trained in the same
-test session: data order, init, objective per step and masks are all functions of the seed and the step, so the
+loss), within BF16_TOL. The reference is the CPU fp32 run of the same config on the same data, trained by this
+module first: data order, init, objective per step and masks are all functions of the seed and the step, so the
 two runs see the same batches.
 
 Tolerances, absolute, in nats of each step's per-objective loss over STEPS steps:
