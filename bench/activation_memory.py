@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -86,7 +87,7 @@ def measure(cfg: EncoderConfig, micro: int, seq: int, every: int, labelled_fract
     return Measured(held=held, peak=live.peak)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", default="512,2048,8192")
     ap.add_argument("--micro", type=int, default=1)
@@ -98,7 +99,7 @@ def main() -> None:
                     "i %% every == 0 (1: full)")
     ap.add_argument("--labelled", type=float, default=0.15)
     ap.add_argument("--no-backward", action="store_true", help="measure the held bytes only (no peak)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     seqs = [int(s) for s in args.seqs.split(",")]
     cfg = EncoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
                         num_heads=args.heads, intermediate_size=args.hidden * 3 // 2,
@@ -121,7 +122,8 @@ def main() -> None:
             saved = "" if every == 0 else f"{held_off / m.held:.2f}x"
             print(f"| {seq} | {label} | {f['held'] / mib:.1f} MiB | {m.held / mib:.1f} MiB | "
                   f"{m.held / f['held']:.3f} | {f['total'] / mib:.1f} MiB | {peak} | {saved} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

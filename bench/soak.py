@@ -58,7 +58,7 @@ def logged_steps(out: Path) -> list[int]:
     return [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=600, help="seconds of killing and restarting")
     ap.add_argument("--max-steps", type=int, default=100000)
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--kill-after", type=float, nargs=2, default=(4.0, 20.0), help="uniform seconds between kills")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default="", help="prepared data (default: prepare a stdlib slice)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="cloze-soak-"))
     data = Path(args.data) if args.data else tmp / "data"
@@ -131,7 +131,8 @@ def main() -> None:
           f"{len(mismatched)} | {len(missing)} |")
     verdict = "0" if not mismatched and not missing else f"SOME: see steps {mismatched[:10]} {missing[:10]}"
     print(f"samples lost or duplicated: {verdict}")
+    return 1 if mismatched or missing else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

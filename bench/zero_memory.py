@@ -72,7 +72,7 @@ def worker(args) -> None:
     exit_skipping_teardown(0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -81,9 +81,10 @@ def main() -> None:
     ap.add_argument("--worlds", default="1,2,4")
     ap.add_argument("--stage", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--result", default="", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.result:
-        return worker(args)
+        worker(args)
+        return 0
 
     from launch.train.dist import free_port
     from launch.train.dry_run import zero_memory_bytes
@@ -115,7 +116,8 @@ def main() -> None:
     for stage, world, p, wm, wf, om, of, gf in rows:
         print(f"| {stage} | {world} | {p:,} | {wm / mib:.2f} MiB | {wf / mib:.2f} MiB | {om / mib:.2f} MiB | "
               f"{of / mib:.2f} MiB | {om / of:.2f} | {gf / mib:.2f} MiB |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

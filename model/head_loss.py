@@ -12,7 +12,7 @@ are never stored.
 The FLOPs are the plain path's (one forward matmul, two backward matmuls per chunk): nothing is recomputed. What
 changes is memory and traffic: nothing of vocab size per row is kept for backward (2 GB less at 65,536 tokens per
 step, cloze's mix and a 32k vocabulary), eager traffic falls to about 32 bytes per logit, and with the
-per-chunk elementwise work compiled (`compile_chunk`) to about 16 (bench/SPEED.md counts them).
+per-chunk elementwise work compiled (`compile_chunk`) to about 16 (bench/README.md, "head_loss", counts them).
 
 The grad computed here assumes the loss is what the caller differentiates: the returned loss sum may be scaled
 (divided by the label count, multiplied by a loss scale) but must not pass through a non-linear function before
