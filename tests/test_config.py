@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import re
+import sys
+from importlib.metadata import packages_distributions
 from typing import get_args
 
 import pytest
@@ -168,3 +172,63 @@ def test_model_key_problems_are_listed_together(tmp_path):
         "sets the local layers')",
         "model.vocab_size: set by the data manifest, remove it from the config",
     ]
+
+
+def _imported_modules(folders: list[str]) -> set[str]:
+    """The top-level names of every absolute import in the .py files under `folders`."""
+    names: set[str] = set()
+    for folder in folders:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.split(".")[0])
+    return names
+
+
+def _third_party(modules: set[str]) -> dict[str, set[str]]:
+    """module -> the installed distributions providing it, for every module neither stdlib nor cloze's own."""
+    provided = packages_distributions()
+    own = {"launch", "model", "data", "objectives", "bench", "tests"}
+    return {m: {_normalise(d) for d in provided.get(m, [m])} for m in modules
+            if m not in sys.stdlib_module_names and m not in own}
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.split(r"[=<>~!\[; ]", name)[0]).lower()
+
+
+def _project() -> dict:
+    """pyproject.toml's [project] table."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_pyproject_declares_every_import_and_keeps_test_tools_apart():
+    project = _project()
+    runtime = {_normalise(d) for d in project["dependencies"]}
+    test = {_normalise(d) for d in project["optional-dependencies"]["test"]}
+    product = _third_party(_imported_modules(["launch", "model", "data", "objectives", "bench"]))
+    assert {m: d for m, d in product.items() if not d & runtime} == {}  # an import no runtime dependency provides
+    # and no runtime dependency nothing imports (protobuf: data/tokenizer.py reads sentencepiece's protobuf models)
+    assert runtime - {d for ds in product.values() for d in ds} == {"protobuf"}
+    tests = _third_party(_imported_modules(["tests"]))
+    assert {m: d for m, d in tests.items() if not d & (runtime | test)} == {}
+    unused_test_tools = test - {d for ds in tests.values() for d in ds} - {"pytest-timeout", "ruff"}
+    assert unused_test_tools == set() and not test & runtime
+
+
+def _pin(spec: str) -> tuple[str, str]:
+    name, _, version = spec.partition("==")
+    return _normalise(name), version.strip()
+
+
+def test_requirement_files_pin_what_pyproject_declares():
+    project = _project()
+
+    def pins(name: str) -> set[tuple[str, str]]:
+        return {_pin(line) for line in (ROOT / name).read_text().splitlines() if "==" in line}
+
+    assert pins("requirements.txt") == {_pin(d) for d in project["dependencies"]}
+    assert pins("requirements-test.txt") == {_pin(d) for d in project["optional-dependencies"]["test"]}
