@@ -372,8 +372,9 @@ class RunConfig:
         """As written in YAML, with the model keys that are set only (so a run's run.json and config_hash change
         only when its config does)."""
         out = dataclasses.asdict(self)
-        out["model"] = {**self.model.encoder_kwargs(), **({"init_from": self.model.init_from}
-                                                         if self.model.init_from else {})}
+        out["model"] = self.model.encoder_kwargs()
+        if self.model.init_from:
+            out["model"]["init_from"] = self.model.init_from
         return out
 
 
