@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import reprlib
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -34,8 +36,18 @@ LINE_BREAKS = "\n\r\0\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 """Characters that end a line (for Python's splitlines or a shell) or a C string; no config value or path may hold
 one, as it would split the line of a generated sbatch script it is written into."""
 
-ACTIVATION_CHECKPOINTING = ("none", "full", "every_n")
-"""Values of train.activation_checkpointing."""
+# The settings that take one of a few values. Each Literal is the one list of them: validation and its error message
+# read the values from it (typing.get_args).
+OnBadData = Literal["fail", "skip"]
+"""The same values as data.reader.ON_BAD_DATA."""
+Schedule = Literal["warmup_linear", "warmup_cosine", "wsd"]
+Precision = Literal["auto", "fp32", "bf16"]
+AttentionBackend = Literal["auto", "sdpa", "flex"]
+"""The same values as model.attention.ATTENTION_BACKENDS (model/ does not import launch/)."""
+ActivationCheckpointing = Literal["none", "full", "every_n"]
+HeadLoss = Literal["plain", "fused"]
+"""The same values as model.head_loss.HEAD_LOSSES."""
+ZeroStage = Literal[0, 1, 2, 3]
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = MAX_SHOWN
@@ -189,7 +201,7 @@ class DataConfig:
     num_workers: int = 0
     """Loader worker processes per rank (0: read in the training process). Part of the data order: resume with
     the same value."""
-    on_bad_data: str = "fail"
+    on_bad_data: OnBadData = "fail"
     """'fail': a corrupt or foreign shard or sample stops the run naming it; 'skip': skip it, count it, report the
     counts in the metrics and the run summary."""
     read_stall_s: float = 30.0
@@ -240,7 +252,7 @@ class TrainConfig:
     a later launch with the same out_dir resumes)."""
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
-    schedule: str = "warmup_linear"
+    schedule: Schedule = "warmup_linear"
     """LR schedule: 'warmup_linear' (linear decay after warm-up), 'warmup_cosine' (cosine decay), or 'wsd'
     (warm-up, stable at lr, then linear decay over the last decay_frac of the steps)."""
     min_lr_ratio: float = 0.1
@@ -257,16 +269,16 @@ class TrainConfig:
     """Global gradient-norm clip; 0 disables."""
     seed: int = 1234
     """Seeds the weights, the shard order, the objective mix and every mask."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """'fp32', 'bf16', or 'auto' (bf16 on GPUs, fp32 on CPU)."""
-    zero_stage: int | None = None
+    zero_stage: ZeroStage | None = None
     """ZeRO stage 0-3; None keeps the stage in the DeepSpeed config file."""
     deepspeed_config: str = "deepspeed_config.json"
     """The engine config; its batch and optimizer values may be 'auto' (filled from this config)."""
     peak_tflops: float = 0.0
     """Per-GPU peak (bf16 dense TFLOP/s) for MFU; 0 guesses from the device name (H100/H200: 989). MFU is not
     reported on CPU."""
-    attention_backend: str = "sdpa"
+    attention_backend: AttentionBackend = "sdpa"
     """Attention kernel: 'sdpa' (PyTorch's scaled_dot_product_attention, given a dense [B, T, T] mask whenever rows
     are packed or the pattern is prefix), 'flex' (FlexAttention block masks: blocks holding no same-document pair
     are skipped) or 'auto' (flex on a GPU when a mask is needed, sdpa otherwise). A runtime choice: checkpoints
@@ -274,13 +286,13 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each encoder layer (fullgraph, static shapes) before training, and with head_loss='fused'
     its per-chunk softmax work; the first steps pay for the compilation."""
-    activation_checkpointing: str = "none"
+    activation_checkpointing: ActivationCheckpointing = "none"
     """'none', 'full' (recompute every encoder block in the backward pass instead of keeping its activations) or
     'every_n' (only blocks i with i % activation_checkpointing_every == 0). Same loss and gradients; the
     checkpointed blocks run their forward twice per step. `--dry-run` shows the activation memory it saves."""
     activation_checkpointing_every: int = 2
     """n of 'every_n' (1 is the same as 'full'); ignored otherwise."""
-    head_loss: str = "plain"
+    head_loss: HeadLoss = "plain"
     """The decoder's cross entropy: 'plain' (the [N, vocab] logits, then F.cross_entropy on their fp32 copy, all
     kept for backward) or 'fused' (chunked, with the input, weight and bias gradients computed in the forward:
     the logits are never stored; model/head_loss.py). Same loss and gradients; 'fused' keeps 4 bytes per
@@ -301,38 +313,78 @@ class TrainConfig:
         return 0 if mode == "none" else 1 if mode == "full" else self.activation_checkpointing_every
 
 
+MANIFEST_KEYS = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
+"""The fields of model.EncoderConfig the data manifest's tokenizer sets; a config may not set them."""
+
+
+@dataclass
+class ModelConfig:
+    """The encoder's shape: the fields of model.EncoderConfig but MANIFEST_KEYS, plus init_from.
+
+    A shape field left unset (null) takes EncoderConfig's default or, with init_from, the folder's value: a field
+    set here is one the user chose, and must agree with init_from's folder."""
+
+    hidden_size: int | None = None
+    """Width of the residual stream."""
+    num_layers: int | None = None
+    """Number of transformer blocks."""
+    num_heads: int | None = None
+    """Attention heads per block; hidden_size / num_heads is the head width and must be even (RoPE)."""
+    intermediate_size: int | None = None
+    """GeGLU inner width (the MLP's input projection outputs twice this)."""
+    max_position_embeddings: int | None = None
+    """Longest row the model accepts; data.seq_len may not exceed it."""
+    global_attn_every_n_layers: int | None = None
+    """Layer i attends globally when i % n == 0 and through a sliding window otherwise (1: every layer global;
+    ModernBERT uses 3)."""
+    local_attention: int | None = None
+    """Total sliding-window size of the local layers: a query sees the keys within local_attention // 2 of it.
+    Even and >= 2 when some layer is local."""
+    global_rope_theta: float | None = None
+    """RoPE base of the global layers (older configs called it rope_theta)."""
+    local_rope_theta: float | None = None
+    """RoPE base of the local layers."""
+    norm_eps: float | None = None
+    """Epsilon of every LayerNorm."""
+    init_std: float | None = None
+    """Base standard deviation of the truncated-normal weight init."""
+    init_from: str = ""
+    """A Hugging Face ModernBERT folder (ModernBertModel or ModernBertForMaskedLM: a cloze export, or one written
+    by transformers' save_pretrained) to continue pretraining from. Its config.json gives the model's shape (a
+    shape field set here must agree with it); its safetensors weights are loaded on every rank before DeepSpeed
+    starts, the MLM head too when the folder has one (else the head gets cloze's normal init); its vocab size and
+    special ids must be the data's tokenizer's. Pickle weights are refused. When out_dir already holds a
+    checkpoint, the run resumes from it and the folder's weights are not loaded. Empty: train from cloze's random
+    init."""
+
+    def encoder_kwargs(self) -> dict[str, Any]:
+        """The shape fields set in the config, as keyword arguments of model.EncoderConfig."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "init_from" and getattr(self, f.name) is not None}
+
+
 @dataclass
 class RunConfig:
     out_dir: str = "runs/demo"
     """Run directory: checkpoints/, tensorboard/, train.log."""
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict[str, Any] = field(default_factory=dict)
-    """Fields of model.EncoderConfig except vocab_size and the special ids (taken from the data manifest).
-
-    One more key, `model.init_from: DIR`, is kept apart in `init_from` (it is not an EncoderConfig field)."""
-    init_from: str = ""
-    """`model.init_from` in YAML and overrides: a Hugging Face ModernBERT folder (ModernBertModel or
-    ModernBertForMaskedLM: a cloze export, or one written by transformers' save_pretrained) to continue pretraining
-    from. Its config.json gives the model's shape (a model key set here must agree with it); its safetensors
-    weights are loaded on every rank before DeepSpeed starts, the MLM head too when the folder has one (else the
-    head gets cloze's normal init); its vocab size and special ids must be the data's tokenizer's. Pickle weights
-    are refused. When out_dir already holds a checkpoint, the run resumes from it and the folder's weights are not
-    loaded. Empty: train from cloze's random init."""
+    model: ModelConfig = field(default_factory=ModelConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """As written in YAML: init_from under model (and absent when unset, so run.json and config_hash of a run
-        without it are what they always were)."""
+        """As written in YAML, with the model keys that are set only (so a run's run.json and config_hash change
+        only when its config does)."""
         out = dataclasses.asdict(self)
-        init_from = out.pop("init_from")
-        if init_from:
-            out["model"]["init_from"] = init_from
+        out["model"] = self.model.encoder_kwargs()
+        if self.model.init_from:
+            out["model"]["init_from"] = self.model.init_from
         return out
 
 
-_SECTIONS = {"data": DataConfig, "objectives": ObjectivesConfig, "train": TrainConfig, "eval": EvalConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "objectives": ObjectivesConfig, "train": TrainConfig,
+             "eval": EvalConfig}
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -340,39 +392,64 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(sorted(valid))})"
 
 
-def _check_type(path: str, value: Any, default: Any, problems: list[str]) -> Any:
-    """Coerce YAML scalars to the type of the default; record a problem instead of raising."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The field types of a config dataclass, resolved (this module postpones its annotations)."""
+    return get_type_hints(cls)
+
+
+def _choices(hint: Any) -> tuple[Any, ...]:
+    """The values a `Literal[...]` (or `Literal[...] | None`) field allows; () for any other type."""
+    if get_origin(hint) in (Union, types.UnionType):
+        return tuple(value for arg in get_args(hint) for value in _choices(arg))
+    return get_args(hint) if get_origin(hint) is Literal else ()
+
+
+def _check_type(path: str, value: Any, hint: Any, problems: list[str]) -> Any:
+    """Coerce a YAML value to the field's type; record a problem instead of raising."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):  # `X | None`: null leaves the field unset
+        if value is None:
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+        origin = get_origin(hint)
+    if origin is Literal:  # here its type; whether it is one of the values, validate checks beside the ranges
+        base = type(get_args(hint)[0])
+        if not isinstance(value, base) or (isinstance(value, bool) and base is not bool):
+            problems.append(f"{path}: must be {_one_of(get_args(hint))}, got {shown(value)}")
+    elif hint is bool:
         if not isinstance(value, bool):
             problems.append(f"{path}: expected true/false, got {shown(value)}")
-        return value
-    if isinstance(default, int) and not isinstance(default, bool):
+    elif hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"{path}: expected an integer, got {shown(value)}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, str):
-            # PyYAML (YAML 1.1) reads `1e-4` as a string; every user writes it, so accept what float() accepts.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{path}: expected a number, got {shown(value)}")
-            return value
-        return float(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        problems.append(f"{path}: expected a string, got {shown(value)}")
-    if isinstance(default, dict) and not isinstance(value, dict):
-        problems.append(f"{path}: expected a mapping, got {shown(value)}")
-    if isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)) or len(value) != len(default):
-            problems.append(f"{path}: expected a list of {len(default)} numbers, got {shown(value)}")
+    elif hint is float:
+        return _to_float(path, value, problems)
+    elif hint is str:
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {shown(value)}")
+    elif origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {shown(value)}")
+    elif origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(get_args(hint)):
+            problems.append(f"{path}: expected a list of {len(get_args(hint))} numbers, got {shown(value)}")
             return value
         return tuple(value)
     return value
+
+
+def _to_float(path: str, value: Any, problems: list[str]) -> Any:
+    if isinstance(value, str):
+        # PyYAML (YAML 1.1) reads `1e-4` as a string; every user writes it, so accept what float() accepts.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problems.append(f"{path}: expected a number, got {shown(value)}")
+        return value
+    return float(value)
 
 
 def _build_section(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
@@ -382,13 +459,29 @@ def _build_section(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any
     if not isinstance(raw, dict):
         problems.append(f"{prefix}: expected a mapping, got {shown(raw)}")
         return obj
-    names = [f.name for f in dataclasses.fields(cls)]
+    hints = _hints(cls)
     for key, value in raw.items():
-        if key not in names:
-            problems.append(f"{prefix}.{key}: unknown key{_suggest(str(key), names)}")
+        if key not in hints:
+            problems.append(_unknown_key(cls, prefix, key))
             continue
-        setattr(obj, key, _check_type(f"{prefix}.{key}", value, getattr(obj, key), problems))
+        setattr(obj, key, _check_type(f"{prefix}.{key}", value, hints[key], problems))
     return obj
+
+
+def _unknown_key(cls: type, prefix: str, key: Any) -> str:
+    """The problem line for a key the section does not have, with the nearest valid key (or all of them)."""
+    names = list(_hints(cls))
+    if cls is ModelConfig:
+        from model.config import LEGACY_ROPE_THETA
+
+        if key in MANIFEST_KEYS:
+            return f"model.{key}: set by the data manifest, remove it from the config"
+        if key == LEGACY_ROPE_THETA:
+            return (f"model.{key}: renamed to model.global_rope_theta (the global layers' RoPE base; "
+                    "model.local_rope_theta sets the local layers')")
+    if not isinstance(key, str):
+        return f"{prefix}: key {shown(key)} must be a field name{_suggest('', names)}"
+    return f"{prefix}.{key}: unknown key{_suggest(key, names)}"
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -498,7 +591,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
     problems: list[str] = []
     cfg = RunConfig()
-    valid_top = [f.name for f in dataclasses.fields(RunConfig) if f.name != "init_from"]
+    valid_top = list(_hints(RunConfig))
     for key, value in raw.items():
         if key == "init_from":
             problems.append("init_from: write it under the model section (model.init_from)")
@@ -506,15 +599,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             problems.append(f"{key}: unknown section{_suggest(str(key), valid_top)}")
         elif key in _SECTIONS:
             setattr(cfg, key, _build_section(_SECTIONS[key], value, key, problems))
-        elif key == "model":
-            if not isinstance(value, dict):
-                problems.append(f"model: expected a mapping, got {shown(value)}")
-            else:
-                cfg.model = dict(value)
-                if "init_from" in cfg.model:
-                    cfg.init_from = _check_type("model.init_from", cfg.model.pop("init_from"), "", problems)
         else:
-            cfg.out_dir = _check_type(key, value, cfg.out_dir, problems)
+            setattr(cfg, key, _check_type(key, value, _hints(RunConfig)[key], problems))
     if not problems:
         problems += validate(cfg)
     if problems:
@@ -524,111 +610,134 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def validate(cfg: RunConfig) -> list[str]:
     """Every check that needs only the config and the code (not the data or the world size)."""
-    from launch.train.schedules import check_objectives
-    from model.attention import ATTENTION_BACKENDS
-    from model.config import LEGACY_ROPE_THETA, EncoderConfig
-    from model.head_loss import HEAD_LOSSES
+    from launch.train.schedules import check_objectives  # the mix, its schedule, each objective's parameters
 
-    t, d = cfg.train, cfg.data
     if unusable := _unusable_paths(cfg):
         return unusable  # the checks below would fail on these paths with an OSError naming no key
-    p: list[str] = []
-    for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints", "max_bad_steps"):
+    return [*_choice_problems(cfg), *_path_problems(cfg), *_train_count_problems(cfg.train),
+            *_train_optimizer_problems(cfg.train), *_data_problems(cfg.data), *_eval_problems(cfg.eval),
+            *_model_problems(cfg), *check_objectives(cfg)]
+
+
+def _one_of(values: tuple[Any, ...]) -> str:
+    """'a, b or c'."""
+    text = [str(v) for v in values]
+    return f"{', '.join(text[:-1])} or {text[-1]}" if len(text) > 1 else text[0]
+
+
+def _choice_problems(cfg: RunConfig) -> list[str]:
+    """Every field typed `Literal[...]` must hold one of its values (the Literal lists them)."""
+    out = []
+    for section in _SECTIONS:
+        obj = getattr(cfg, section)
+        for name, hint in _hints(type(obj)).items():
+            value, allowed = getattr(obj, name), _choices(hint)
+            if allowed and value is not None and value not in allowed:  # None got past the type check: optional
+                out.append(f"{section}.{name}: must be {_one_of(allowed)}, got {shown(value)}")
+    return out
+
+
+def _path_problems(cfg: RunConfig) -> list[str]:
+    """The files and folders the config names that must exist (or, for out_dir, be creatable) before launch."""
+    out = _check_writable("out_dir", Path(cfg.out_dir))
+    if not Path(cfg.train.deepspeed_config).is_file():
+        out.append(f"train.deepspeed_config: file not found: {cfg.train.deepspeed_config}")
+    if cfg.eval.path and not Path(cfg.eval.path).exists():
+        out.append(f"eval.path: not found: {cfg.eval.path} (prepare held-out shards with launch.prepare, or set "
+                   f"eval.path='' to disable evaluation)")
+    if not Path(cfg.data.path).exists():
+        out.append(f"data.path: not found: {cfg.data.path} (write it with: python -m launch.prepare --input ... "
+                   f"--out {cfg.data.path})")
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
+        out.append(f"model.init_from: folder not found: {cfg.model.init_from} (a Hugging Face ModernBERT folder: "
+                   "config.json and safetensors weights, e.g. one written by launch.export)")
+    return out
+
+
+def _train_count_problems(t: TrainConfig) -> list[str]:
+    """Step and batch counts."""
+    out = []
+    for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints", "max_bad_steps",
+                 "activation_checkpointing_every"):
         if getattr(t, name) < 1:
-            p.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+            out.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     for name in ("warmup_steps", "checkpoint_every", "stop_at"):
         if getattr(t, name) < 0:
-            p.append(f"train.{name}: must be >= 0, got {getattr(t, name)}")
-    if not t.lr > 0:
-        p.append(f"train.lr: must be > 0, got {t.lr}")
-    if t.schedule not in ("warmup_linear", "warmup_cosine", "wsd"):
-        p.append(f"train.schedule: must be warmup_linear, warmup_cosine or wsd, got {shown(t.schedule)}")
-    if not 0 < t.decay_frac <= 1:
-        p.append(f"train.decay_frac: must lie in (0, 1], got {t.decay_frac}")
+            out.append(f"train.{name}: must be >= 0, got {getattr(t, name)}")
     if t.warmup_steps >= t.max_steps >= 1:
-        p.append(f"train.warmup_steps={t.warmup_steps} must be < train.max_steps={t.max_steps}")
+        out.append(f"train.warmup_steps={t.warmup_steps} must be < train.max_steps={t.max_steps}")
+    return out
+
+
+def _train_optimizer_problems(t: TrainConfig) -> list[str]:
+    """The learning rate, its schedule and AdamW's settings."""
+    out = []
+    if not t.lr > 0:
+        out.append(f"train.lr: must be > 0, got {t.lr}")
+    if not 0 < t.decay_frac <= 1:
+        out.append(f"train.decay_frac: must lie in (0, 1], got {t.decay_frac}")
     if not 0 <= t.min_lr_ratio <= 1:
-        p.append(f"train.min_lr_ratio: must lie in [0, 1], got {t.min_lr_ratio}")
+        out.append(f"train.min_lr_ratio: must lie in [0, 1], got {t.min_lr_ratio}")
     if t.weight_decay < 0:
-        p.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+        out.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
     if t.grad_clip < 0:
-        p.append(f"train.grad_clip: must be >= 0 (0 disables), got {t.grad_clip}")
+        out.append(f"train.grad_clip: must be >= 0 (0 disables), got {t.grad_clip}")
     if not all(0 <= b < 1 for b in t.betas):
-        p.append(f"train.betas: each must lie in [0, 1), got {list(t.betas)}")
-    if t.precision not in ("auto", "fp32", "bf16"):
-        p.append(f"train.precision: must be auto, fp32 or bf16, got {shown(t.precision)}")
-    for key, allowed in (("attention_backend", ATTENTION_BACKENDS), ("head_loss", HEAD_LOSSES)):
-        if getattr(t, key) not in allowed:
-            p.append(f"train.{key}: must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
-                     f"got {shown(getattr(t, key))}")
-    if t.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-        p.append(f"train.activation_checkpointing: must be none, full or every_n, got "
-                 f"{shown(t.activation_checkpointing)}")
-    if t.activation_checkpointing_every < 1:
-        p.append(f"train.activation_checkpointing_every: must be >= 1, got {t.activation_checkpointing_every}")
-    if t.zero_stage is not None and t.zero_stage not in (0, 1, 2, 3):
-        p.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
-    if not Path(t.deepspeed_config).is_file():
-        p.append(f"train.deepspeed_config: file not found: {t.deepspeed_config}")
-    if cfg.eval.every < 1 or cfg.eval.batches < 1:
-        p.append(f"eval.every and eval.batches: must be >= 1, got {cfg.eval.every} and {cfg.eval.batches}")
-    if cfg.eval.path and not Path(cfg.eval.path).exists():
-        p.append(f"eval.path: not found: {cfg.eval.path} (prepare held-out shards with launch.prepare, or set "
-                 f"eval.path='' to disable evaluation)")
-    p += _check_writable("out_dir", Path(cfg.out_dir))
-    if not Path(d.path).exists():
-        p.append(f"data.path: not found: {d.path} (write it with: python -m launch.prepare --input ... --out {d.path})")
+        out.append(f"train.betas: each must lie in [0, 1), got {list(t.betas)}")
+    return out
+
+
+def _data_problems(d: DataConfig) -> list[str]:
+    out = []
+    if d.seq_len < 8:
+        out.append(f"data.seq_len: must be >= 8, got {d.seq_len}")
     if d.num_workers < 0:
-        p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
-    if d.on_bad_data not in ("fail", "skip"):
-        p.append(f"data.on_bad_data: must be fail or skip, got {shown(d.on_bad_data)}")
+        out.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
     for key in ("read_stall_s", "read_timeout_s"):
         if not getattr(d, key) > 0:
-            p.append(f"data.{key}: must be > 0 seconds, got {shown(getattr(d, key))}")
+            out.append(f"data.{key}: must be > 0 seconds, got {shown(getattr(d, key))}")
     for src, w in d.sources.items():
         if not isinstance(src, str):
-            p.append(f"data.sources: key {shown(src)} must be a prepared directory, an http(s):// URL or pipe:")
+            out.append(f"data.sources: key {shown(src)} must be a prepared directory, an http(s):// URL or pipe:")
         elif isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
-            p.append(f"data.sources.{src}: weight must be a positive number, got {shown(w)}")
+            out.append(f"data.sources.{src}: weight must be a positive number, got {shown(w)}")
         elif "://" not in src and not src.startswith("pipe:") and not Path(src).exists():
-            p.append(f"data.sources.{src}: not found (a prepared directory, an http(s):// URL or pipe:)")
-    if d.seq_len < 8:
-        p.append(f"data.seq_len: must be >= 8, got {d.seq_len}")
-    if cfg.init_from and not Path(cfg.init_from).is_dir():
-        p.append(f"model.init_from: folder not found: {cfg.init_from} (a Hugging Face ModernBERT folder: "
-                 "config.json and safetensors weights, e.g. one written by launch.export)")
+            out.append(f"data.sources.{src}: not found (a prepared directory, an http(s):// URL or pipe:)")
+    return out
 
-    reserved = {"vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"}
-    model_fields = [f.name for f in dataclasses.fields(EncoderConfig) if f.name not in reserved]
-    for key in cfg.model:
-        if not isinstance(key, str):
-            p.append(f"model: key {shown(key)} must be a field name{_suggest('', model_fields)}")
-        elif key in reserved:
-            p.append(f"model.{key}: set by the data manifest, remove it from the config")
-        elif key == LEGACY_ROPE_THETA:
-            p.append(f"model.{key}: renamed to model.global_rope_theta (the global layers' RoPE base; "
-                     "model.local_rope_theta sets the local layers')")
-        elif key not in model_fields:
-            p.append(f"model.{key}: unknown key{_suggest(key, model_fields)}")
-    if not any(x.startswith("model.") for x in p) and not cfg.init_from:  # else the folder gives the rest
-        try:
-            EncoderConfig(vocab_size=1024, **cfg.model)
-        except (ValueError, TypeError) as e:
-            p.append(f"model: {e}")
-    default_max_pos = EncoderConfig.__dataclass_fields__["max_position_embeddings"].default
-    max_pos = cfg.model.get("max_position_embeddings", default_max_pos)
-    if d.seq_len > max_pos and not cfg.init_from:  # with init_from, preflight checks the folder's
-        p.append(f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={max_pos}")
 
-    p += check_objectives(cfg)  # the mix, its schedule and every objective's (scheduled) parameters
-    return p
+def _eval_problems(e: EvalConfig) -> list[str]:
+    if e.every < 1 or e.batches < 1:
+        return [f"eval.every and eval.batches: must be >= 1, got {e.every} and {e.batches}"]
+    return []
+
+
+def _model_problems(cfg: RunConfig) -> list[str]:
+    """The shape must make an EncoderConfig and hold data.seq_len; with init_from the folder's shape is checked by
+    preflight instead (it needs the folder and the data's tokenizer)."""
+    from model.config import EncoderConfig
+
+    if cfg.model.init_from:
+        return []
+    out = []
+    try:
+        EncoderConfig(vocab_size=1024, **cfg.model.encoder_kwargs())
+    except ValueError as e:
+        out.append(f"model: {e}")
+    max_pos = cfg.model.max_position_embeddings
+    if max_pos is None:
+        max_pos = EncoderConfig.__dataclass_fields__["max_position_embeddings"].default
+    if cfg.data.seq_len > max_pos:
+        out.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings={max_pos}")
+    return out
+
 
 
 def _unusable_paths(cfg: RunConfig) -> list[str]:
     """Paths of the config the system cannot even look up (a name longer than the file system allows, a folder
     that may not be searched): one problem each, naming the key."""
     paths = {"out_dir": cfg.out_dir, "data.path": cfg.data.path, "eval.path": cfg.eval.path,
-             "train.deepspeed_config": cfg.train.deepspeed_config, "model.init_from": cfg.init_from}
+             "train.deepspeed_config": cfg.train.deepspeed_config, "model.init_from": cfg.model.init_from}
     paths.update({f"data.sources.{src}": src for src in cfg.data.sources
                   if isinstance(src, str) and "://" not in src and not src.startswith("pipe:")})
     out = []

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: set up .venv, warm DeepSpeed's CPU op cache, run pytest.
+# The whole test suite on a fresh machine: set up .venv (runtime and test requirements), lint with ruff, warm
+# DeepSpeed's CPU op cache, run pytest.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-bash scripts/setup.sh
+bash scripts/setup.sh --test
+# Lint first: a finding fails the run in a second, before any test starts.
+.venv/bin/ruff check .
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 bash scripts/warm_deepspeed.sh
 # The SLURM tests run against a real local cluster (munge, slurmctld, two slurmd as nodes n1 and n2); starting

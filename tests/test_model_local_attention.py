@@ -303,7 +303,7 @@ def test_run_config_checks_the_window_and_names_the_renamed_theta(tmp_path):
         _load(tmp_path, "model.rope_theta=1000.0")
     # A window longer than the rows is allowed: those layers then see the whole row (see EncoderConfig).
     cfg = _load(tmp_path, "model.global_attn_every_n_layers=2", "model.local_attention=4096")
-    assert cfg.model["local_attention"] == 4096
+    assert cfg.model.local_attention == 4096
 
 
 def test_dry_run_plan_names_the_layer_pattern(tmp_path):

@@ -78,7 +78,7 @@ def gib(x: float) -> str:
 def describe(cfg: RunConfig, world: int, ds_config: dict, vocab_size: int, precision: str,
              labelled_fraction: float, encoder: EncoderConfig | None = None) -> str:
     """encoder: the model's shape when it does not come from cfg.model (model.init_from's folder)."""
-    enc = encoder or EncoderConfig(vocab_size=vocab_size, **cfg.model)
+    enc = encoder or EncoderConfig(vocab_size=vocab_size, **cfg.model.encoder_kwargs())
     t, seq = cfg.train, cfg.data.seq_len
     params = enc.num_params(include_head=True)
     rows = t.micro_batch_size * t.grad_accum * world

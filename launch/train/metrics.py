@@ -165,7 +165,7 @@ class Metrics:
               "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "seq_len": cfg.data.seq_len,
               "weight_decay": t.weight_decay, "precision": t.precision, "seed": t.seed,
               "mix": ",".join(f"{k}={v}" for k, v in cfg.objectives.mix.items()),
-              **{f"model.{k}": v for k, v in cfg.model.items() if isinstance(v, (int, float, str, bool))}}
+              **{f"model.{k}": v for k, v in cfg.model.encoder_kwargs().items()}}
         metrics = {f"hparam/{k}": v for k, v in final.items() if isinstance(v, float) and v == v}
         self.writer.add_hparams(hp, metrics, run_name=".")
         self.writer.flush()

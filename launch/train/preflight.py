@@ -47,11 +47,11 @@ def preflight(cfg: RunConfig, world_size: int) -> Preflight:
 
 def _init_source(cfg: RunConfig, tok):
     """model.init_from's folder, checked against the model keys and the tokenizer (None when unset)."""
-    if not cfg.init_from:
+    if not cfg.model.init_from:
         return None
     from launch.train.init_from import read_init_source
 
-    source = read_init_source(cfg.init_from, cfg.model, tok)
+    source = read_init_source(cfg.model.init_from, cfg.model.encoder_kwargs(), tok)
     max_pos = source.encoder.max_position_embeddings
     if cfg.data.seq_len > max_pos:
         raise ConfigError([f"data.seq_len={cfg.data.seq_len} exceeds max_position_embeddings={max_pos} of "

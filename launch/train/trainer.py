@@ -79,7 +79,7 @@ class Trainer:
         )
         self.enc_cfg = pre.init_from.encoder if pre.init_from else EncoderConfig(
             vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, cls_token_id=tok.cls_id, sep_token_id=tok.sep_id,
-            mask_token_id=tok.mask_id, **cfg.model,
+            mask_token_id=tok.mask_id, **cfg.model.encoder_kwargs(),
         )
         # Everything above is validation a user can fix; only now start the process group.
         deepspeed.init_distributed(dist_backend="nccl" if has_gpu else "gloo")
