@@ -38,9 +38,11 @@ from data.manifest import (
     MAX_META_BYTES,
     Manifest,
     check_name,
+    file_sha256,
     load_manifest,
     parse_manifest,
     read_at_most,
+    shard_file_problems,
 )
 
 if TYPE_CHECKING:
@@ -151,6 +153,24 @@ class Location:
             argv = _curl_argv(url, self.limits)
         return _stream_command(argv, url, limit + 1, self.limits, sink)
 
+    def tokenizer_sha256(self, manifest: Manifest) -> str:
+        """The hash of the tokenizer file the manifest names (a remote one read whole, at most MAX_META_BYTES);
+        ValueError naming it when it is missing, too large, or (local) leads outside the dataset."""
+        if self.is_local:
+            tok = manifest.tokenizer_path  # refuses a path or symlink leading outside the dataset
+            if not tok.is_file():
+                raise ValueError(f"tokenizer {tok} named by {self.url(MANIFEST_NAME)} is missing; re-run "
+                                 "launch.prepare")
+            return file_sha256(tok)
+        url = self.url(manifest.tokenizer_relpath)
+        try:
+            raw = self.read(manifest.tokenizer_relpath, limit=MAX_META_BYTES)
+        except FetchError as e:
+            raise ValueError(f"cannot read the tokenizer of data source {self.spec!r}: {e}") from None
+        if len(raw) > MAX_META_BYTES:
+            raise ValueError(f"tokenizer {url} is larger than {MAX_META_BYTES >> 20} MiB, not one cloze wrote")
+        return hashlib.sha256(raw).hexdigest()
+
     def manifest(self, check_files: bool = True) -> Manifest:
         """The dataset's manifest. Local: load_manifest (file checks unless check_files=False); remote: fetched
         (at most MAX_META_BYTES) and parsed, its shards are verified one by one as they are read."""
@@ -169,6 +189,31 @@ class Location:
         except UnicodeDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from None
         return parse_manifest(text, where)
+
+
+def check_source(location: Location) -> tuple[Manifest | None, str, list[str]]:
+    """Open a source's manifest and check what can be checked before training: the manifest itself, its tokenizer
+    file against the manifest's hash (a remote one is fetched), that it lists shards and none is empty, and (local)
+    a stat() of every shard (manifest.shard_file_problems). Returns (manifest or None when it cannot be read,
+    problems with the source as a whole, problems with single shards); no shard is read."""
+    try:
+        manifest = location.manifest(check_files=False)
+    except ValueError as e:
+        return None, str(e), []
+    where = location.url(MANIFEST_NAME)
+    if not manifest.shards:
+        return manifest, f"{where} lists no shards; re-run `python -m launch.prepare`", []
+    empty = [s.file for s in manifest.shards if s.samples == 0]
+    if empty:
+        return manifest, f"{where}: shard(s) {', '.join(empty[:5])} hold no documents; re-run launch.prepare", []
+    try:
+        digest = location.tokenizer_sha256(manifest)
+    except (ValueError, FetchError) as e:
+        return manifest, str(e), []
+    if digest != manifest.tokenizer_sha256:
+        return manifest, (f"tokenizer {location.url(manifest.tokenizer_relpath)} does not match the hash in {where} "
+                          "(replaced after prepare?); re-run launch.prepare"), []
+    return manifest, "", shard_file_problems(manifest) if location.is_local else []
 
 
 def _stream_local(path: str, want: int, sink: Callable[[bytes], None]) -> int:
