@@ -200,7 +200,10 @@ class PendingEntry:
         self.file.flush()
         os.fsync(self.file.fileno())
         target = self.cache.entry(sha256)
-        os.replace(self.path, target)
+        try:
+            os.replace(self.path, target)
+        except FileNotFoundError:  # removed as stale by another process's eviction: read it, just not cached
+            return
         self.committed = True
         self.cache.evict(keep=target)
 
