@@ -69,7 +69,8 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 def test_every_manifest_is_checked_before_the_ranks_start(tiny_data, tmp_path):
-    """Four sources with four different problems (one remote): one error naming each, before any rank exists."""
+    """Sources and an eval set with five problems (two remote) and a cache folder that cannot be made: one error
+    naming each, before any rank exists."""
     few = tmp_path / "few"
     dataset_dir(few, random_docs(5, seed=1, max_len=50))  # one shard for two ranks, and another tokenizer
     broken = tmp_path / "broken_eval"
@@ -85,10 +86,12 @@ def test_every_manifest_is_checked_before_the_ranks_start(tiny_data, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     dead = f"http://127.0.0.1:{_closed_port()}/web"
     hashed = f"http://127.0.0.1:{server.server_address[1]}/web"
+    not_a_folder = tmp_path / "cache_file"
+    not_a_folder.write_text("")
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps({
         "out_dir": str(tmp_path / "run"),
-        "data": {"path": str(tiny_data), "seq_len": 64,
+        "data": {"path": str(tiny_data), "seq_len": 64, "cache_dir": str(not_a_folder / "cache"),
                  "sources": {str(tiny_data): 1.0, str(few): 1.0, dead: 1.0, hashed: 1.0}},
         "eval": {"path": str(broken)},
         "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 96,
@@ -109,7 +112,8 @@ def test_every_manifest_is_checked_before_the_ranks_start(tiny_data, tmp_path):
     assert f"data.sources.{dead}: cannot read the manifest" in block
     assert f"data.sources.{hashed}: tokenizer {hashed}/tokenizer/spm.model does not match" in block
     assert f"eval.path: {broken}/manifest.json: not valid JSON" in block
-    assert "5 problems" in block
+    assert f"data.cache_dir: cannot create {not_a_folder}/cache" in block
+    assert "6 problems" in block
 
 
 @pytest.mark.slow
