@@ -8,6 +8,9 @@ What is measured, on the same documents (the interpreter's standard library, the
   per core of the tokenization phase, total time. --full-prepare runs it on the whole stdlib, as launch.demo does.
 - cloze: pre-tokenized shards -> packing -> objectives' MLM (BERT 15%, 80/10/10), in one process (what one
   loader worker does, plus the masking the trainer does), and with one worker process feeding the main one.
+- remote: the same shards served over http by a local server on 127.0.0.1 (a separate process), read through
+  curl with and without the shard cache (data.cache_dir), against the local folder: tokens/s of the first epoch
+  and of the two after it, so what the cache saves from the second epoch on is visible.
 - peer: the same documents as WebDataset `.txt` samples, decoded by WebDataset, tokenized on the fly by the
   exported Hugging Face tokenizer, concatenated and cut into rows (run_mlm.py's group_texts, so no padding and
   no truncation waste: the peer's best case) and masked by transformers' DataCollatorForLanguageModeling.
@@ -18,8 +21,11 @@ stays meaningful when other jobs share the cores. One table, cloze's ratio to th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
+import re
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -49,12 +55,21 @@ def corpus_subset(megabytes: float) -> list[Path]:
     return files
 
 
+NOT_COUNTED: set[int] = set()
+"""Child processes whose CPU time is not the loader's (the local http server of the remote rows)."""
+
+
 def cpu_seconds() -> float:
-    """CPU time of this process (all threads) and of its live children (loader workers)."""
+    """CPU time of this process (all threads), of its live children (loader workers) and of the children it has
+    waited for (curl, one per remote shard)."""
+    import resource
+
     import psutil
 
-    children = psutil.Process().children(recursive=True)
-    return time.process_time() + sum(c.cpu_times().user + c.cpu_times().system for c in children)
+    children = [c for c in psutil.Process().children(recursive=True) if c.pid not in NOT_COUNTED]
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (time.process_time() + done.ru_utime + done.ru_stime
+            + sum(c.cpu_times().user + c.cpu_times().system for c in children))
 
 
 def measure(step: Callable[[], int], seconds: float) -> tuple[float, float]:
@@ -138,6 +153,66 @@ def cloze_pipeline(data: Path, seq_len: int, batch_size: int, workers: int, mask
     return step
 
 
+@contextlib.contextmanager
+def http_server(folder: Path) -> Iterator[str]:
+    """`python -m http.server` serving folder on 127.0.0.1 in a process of its own; yields its base URL."""
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1", "--directory",
+                             str(folder), "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    NOT_COUNTED.add(proc.pid)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (http://127.0.0.1:N/) ..."
+        match = re.search(r"port (\d+)", line)
+        if match is None:
+            raise RuntimeError(f"http.server did not start: {line!r}")
+        yield f"http://127.0.0.1:{match[1]}"
+    finally:
+        proc.kill()
+        proc.wait()
+        NOT_COUNTED.discard(proc.pid)
+
+
+def epoch_rates(spec: str, seq_len: int, batch_size: int, epochs: int, **kw) -> list[tuple[float, float]]:
+    """(tokens per wall second, tokens per CPU second) of reading and packing each of the first `epochs` epochs
+    of one source, one rank, in this process."""
+    loader = Loader(LoaderConfig([(spec, 1.0)], seq_len=seq_len, batch_size=batch_size, **kw))
+    rates = []
+    try:
+        for epoch in range(epochs):
+            tokens, wall0, cpu0 = 0, time.perf_counter(), cpu_seconds()
+            while loader.epoch == epoch:
+                tokens += int(next(loader)[0].numel())
+            rates.append((tokens / (time.perf_counter() - wall0), tokens / max(cpu_seconds() - cpu0, 1e-9)))
+    finally:
+        loader.close()
+    return rates
+
+
+def remote_rows(data: Path, seq_len: int, batch_size: int, cache: Path) -> list[tuple[str, str, str, str, str]]:
+    """The local folder, http without cache and http with the shard cache: first epoch, then the mean of the next
+    two."""
+    setting = f"seq {seq_len} x batch {batch_size}"
+    with http_server(data.parent) as base:
+        url = f"{base}/{data.name}"
+        runs = {"local folder": epoch_rates(str(data), seq_len, batch_size, 3),
+                "http 127.0.0.1, no cache": epoch_rates(url, seq_len, batch_size, 3),
+                "http 127.0.0.1, data.cache_dir": epoch_rates(url, seq_len, batch_size, 3, cache_dir=str(cache))}
+    local_first, local_later = runs["local folder"][0][0], _later(runs["local folder"])[0]
+    rows = []
+    for name, rates in runs.items():
+        for what, (wall, cpu), ref in (("epoch 1", rates[0], local_first),
+                                       ("epochs 2-3", _later(rates), local_later)):
+            rows.append((f"cloze read + pack, {name}: {what}", setting, fmt(wall), fmt(cpu),
+                         f"{wall / ref:.2f}x the local folder's {what} (wall)"))
+    return rows
+
+
+def _later(rates: list[tuple[float, float]]) -> tuple[float, float]:
+    """Mean (wall, CPU) rate of the epochs after the first."""
+    later = rates[1:]
+    return sum(r[0] for r in later) / len(later), sum(r[1] for r in later) / len(later)
+
+
 def fmt(rate: float) -> str:
     return f"{rate / 1e6:.2f}M"
 
@@ -192,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, (wall, cpu) in measured.items():
             rows.append((name, f"seq {s} x batch {b}", fmt(wall), fmt(cpu),
                          f"{wall / peer[0]:.1f}x / {cpu / peer[1]:.1f}x"))
+        print("[bench] remote: local folder, http without and with the shard cache ...", file=sys.stderr, flush=True)
+        rows += remote_rows(data, s, b, work / "cache")
         rows.append(("peer: wds .txt + HF tokenizer + DataCollatorForLanguageModeling", f"seq {s} x batch {b}",
                      fmt(peer[0]), fmt(peer[1]), "1.0x / 1.0x"))
     header = ("pipeline", "setting", "tokens/s (wall)", "tokens/CPU-s", "vs peer (wall / CPU); notes")

@@ -35,11 +35,13 @@ import hashlib
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.cache import ShardCache
 from data.location import FetchError, FetchLimits, Location, same_dataset
 from data.manifest import MAX_META_BYTES, Manifest, file_sha256
 from data.partition import PartitionSpec, PartitionStream, epoch_rows, initial_state
@@ -89,6 +91,10 @@ class LoaderConfig:
     read_timeout_s: float = 300.0
     """A remote read of one file (a shard, the manifest, the tokenizer) not finished after this long is stopped,
     with the same consequences."""
+    cache_dir: str = ""
+    """Folder of the node's shard cache for http(s) and pipe: sources (data/cache.py); empty: no cache."""
+    cache_max_bytes: int = 64 << 30
+    """The cache's size bound."""
     labels: list[str] = field(default_factory=list)
     """Filled in: one unique short name per source (its folder's or URL's last component)."""
 
@@ -134,8 +140,9 @@ def _open_sources(cfg: LoaderConfig) -> list[Source]:
     """Manifests of every source, checked against each other and against their tokenizer files."""
     sources = []
     limits = FetchLimits(stall_s=cfg.read_stall_s, deadline_s=cfg.read_timeout_s)
+    cache = ShardCache(Path(cfg.cache_dir), cfg.cache_max_bytes) if cfg.cache_dir else None
     for i, ((spec, weight), label) in enumerate(zip(cfg.sources, cfg.labels, strict=True)):
-        location = Location(spec, limits)
+        location = Location(spec, limits, cache)
         manifest = location.manifest(check_files=False)
         digest = _tokenizer_sha256(location, manifest)
         if digest != manifest.tokenizer_sha256:
@@ -428,12 +435,15 @@ def build_loader(
     shuffle_documents: bool = True,
     read_stall_s: float = 30.0,
     read_timeout_s: float = 300.0,
+    cache_dir: str = "",
+    cache_max_bytes: int = 64 << 30,
 ) -> Loader:
     """The trainer's entry point; a single source is [(path, 1.0)]. See LoaderConfig for the arguments."""
     return Loader(LoaderConfig(sources=list(sources), seq_len=seq_len, batch_size=batch_size, rank=rank,
                                world_size=world_size, seed=seed, num_workers=num_workers, on_bad_data=on_bad_data,
                                shuffle_documents=shuffle_documents, read_stall_s=read_stall_s,
-                               read_timeout_s=read_timeout_s))
+                               read_timeout_s=read_timeout_s, cache_dir=cache_dir,
+                               cache_max_bytes=cache_max_bytes))
 
 
 __all__ = ["BadDataError", "Loader", "LoaderConfig", "build_loader"]

@@ -1,7 +1,8 @@
 """Reading one source's shards for one partition, verified, under the on_bad_data policy.
 
-A shard is fetched whole (local file, http(s), pipe:), checked against the manifest (size, then sha256) before
-any of its samples is used, then parsed as a plain, uncompressed tar (a gzip/bz2/xz shard is not a tar, so it can
+A shard is fetched whole (local file into memory; http(s) and pipe: streamed into a file while hashed, or taken
+from the node's shard cache, data/cache.py), checked against the manifest (size, then sha256) before any of its
+samples is used, then parsed as a plain, uncompressed tar (a gzip/bz2/xz shard is not a tar, so it can
 never expand in memory) whose members may not claim more bytes in all than the shard holds (sparse ones could). A shard
 the manifest declares larger than MAX_SHARD_BYTES is never fetched. Only members named `<key>.ids` are ever
 interpreted, and only as little-endian integers: no decoder runs, so a `.pickle`, `.pyd`, `.pth` or `.npy`
@@ -29,13 +30,15 @@ import io
 import logging
 import re
 import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
 from data.location import FetchError, Location
-from data.manifest import Manifest
+from data.manifest import Manifest, ShardInfo
 from data.plan import SourcePlan
 from data.shards import MAX_SHARD_BYTES
 
@@ -172,33 +175,57 @@ class SourceReader:
         """The shard's (member name, payload) list, or None when it is skipped as bad."""
         info = self.source.manifest.shards[index]
         self._opened(info.file)
-        if info.bytes > MAX_SHARD_BYTES:  # read whole into memory: refuse before fetching a byte
+        if info.bytes > MAX_SHARD_BYTES:  # its members are held in memory: refuse before fetching a byte
             self._bad_shard(index, "size", f"the manifest says {info.bytes} bytes, more than the largest shard cloze "
                                            f"reads ({MAX_SHARD_BYTES} bytes; launch.prepare --shard-bytes)")
             return None
         try:
-            data = self.source.location.read(info.file, limit=info.bytes)
-        except FetchError as e:
-            self._bad_shard(index, "missing", f"cannot be read ({e})")
-            return None
-        if len(data) != info.bytes:
-            size = f"{len(data)} bytes" if len(data) < info.bytes else "longer"
-            self._bad_shard(index, "size", f"{size}, the manifest says {info.bytes} (truncated or replaced?)")
-            return None
-        if hashlib.sha256(data).hexdigest() != info.sha256:
-            self._bad_shard(index, "sha256", "content differs from the manifest's sha256 (corrupted or replaced?)")
-            return None
-        try:
-            members = tar_members(data)
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            self._bad_shard(index, "not_tar", f"not a readable tar file ({str(e) or type(e).__name__})")
+            members = self._verified_members(info)
+        except _BadShard as e:
+            self._bad_shard(index, e.reason, e.what)
             return None
         if len(members) != info.samples:
             self._bad_shard(index, "count", f"{len(members)} members, the manifest lists {info.samples} samples")
             return None
-        # The whole shard is in memory, so its documents can be visited in the plan's seeded order (data/plan.py)
-        # at no cost; member indices in positions count in that order.
+        # The whole shard's members are in memory, so its documents can be visited in the plan's seeded order
+        # (data/plan.py) at no cost; member indices in positions count in that order.
         return [members[i] for i in self.plan.documents(self._epoch, index, len(members))]
+
+    def _verified_members(self, info: ShardInfo) -> list[tuple[str, bytes]]:
+        """The members of a shard whose size and sha256 match the manifest; _BadShard otherwise. A local shard is
+        read into memory; a remote one comes from the node's cache (re-verified) or is streamed into a file while
+        hashed (a cache entry when there is a cache and the shard fits it, else a temporary file)."""
+        location = self.source.location
+        if location.is_local:
+            try:
+                data = location.read(info.file, limit=info.bytes)
+            except FetchError as e:
+                raise _BadShard("missing", f"cannot be read ({e})") from None
+            _check_fetched(info, len(data), hashlib.sha256(data).hexdigest())
+            return _parse(io.BytesIO(data), info.bytes)
+        cache = location.cache
+        if cache is not None:
+            hit = cache.open(info.sha256, info.bytes)
+            if hit is not None:
+                with hit:
+                    return _parse(hit, info.bytes)
+        if cache is not None and cache.fits(info.bytes):
+            with cache.new_entry() as entry:
+                self._fetch_into(entry.file, info)
+                entry.commit(info.sha256)
+                entry.file.seek(0)
+                return _parse(entry.file, info.bytes)
+        with tempfile.TemporaryFile() as f:
+            self._fetch_into(f, info)
+            f.seek(0)
+            return _parse(f, info.bytes)
+
+    def _fetch_into(self, f: BinaryIO, info: ShardInfo) -> None:
+        try:
+            got, digest = self.source.location.fetch(info.file, f, limit=info.bytes)
+        except FetchError as e:
+            raise _BadShard("missing", f"cannot be read ({e})") from None
+        _check_fetched(info, got, digest)
 
     def _decode(self, index: int, name: str, payload: bytes) -> np.ndarray | None:
         """The member's ids, or None when it is skipped as bad (never anything but integers is decoded)."""
@@ -230,27 +257,59 @@ class SourceReader:
         return None
 
 
-def tar_members(data: bytes) -> list[tuple[str, bytes]]:
-    """(name, payload) of every regular member of an uncompressed tar held in memory, in file order; WebDataset's
-    `__...__` metadata members are passed over. tarfile.ReadError for anything else: a compressed archive (mode
-    'r|' never decompresses), a sparse member, or members that claim more bytes in all than the archive holds
-    (what a sparse member would expand to): the payloads never take more memory than the shard itself."""
+class _BadShard(Exception):
+    """A shard that fails a check: the on_bad_data reason and what is wrong."""
+
+    def __init__(self, reason: str, what: str):
+        super().__init__(what)
+        self.reason, self.what = reason, what
+
+
+def _check_fetched(info: ShardInfo, got: int, digest: str) -> None:
+    """Size first (a read stops at info.bytes + 1), then the sha256 of what was read."""
+    if got != info.bytes:
+        size = f"{got} bytes" if got < info.bytes else "longer"
+        raise _BadShard("size", f"{size}, the manifest says {info.bytes} (truncated or replaced?)")
+    if digest != info.sha256:
+        raise _BadShard("sha256", "content differs from the manifest's sha256 (corrupted or replaced?)")
+
+
+def _parse(f: BinaryIO, size: int) -> list[tuple[str, bytes]]:
+    try:
+        return tar_members(f, size)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise _BadShard("not_tar", f"not a readable tar file ({str(e) or type(e).__name__})") from None
+
+
+def tar_members(data: bytes | BinaryIO, size: int | None = None) -> list[tuple[str, bytes]]:
+    """(name, payload) of every regular member of an uncompressed tar (bytes in memory, or a file of `size` bytes
+    open at its start), in file order; WebDataset's `__...__` metadata members are passed over. tarfile.ReadError
+    for anything else: a compressed archive (mode 'r|' never decompresses), a sparse member, or members that claim
+    more bytes in all than the archive holds (what a sparse member would expand to): the payloads never take more
+    memory than the shard itself."""
+    if isinstance(data, (bytes, bytearray)):
+        size, f = len(data), io.BytesIO(data)
+    else:
+        assert size is not None, "a file's size is needed"
+        f = data
+    head = f.read(8)
+    f.seek(0)
     for magic, kind in _COMPRESSED:
-        if data.startswith(magic):
+        if head.startswith(magic):
             raise tarfile.ReadError(f"compressed ({kind}); shards are plain tar files")
     members, claimed = [], 0
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+    with tarfile.open(fileobj=f, mode="r|") as tar:
         for info in tar:
             claimed += info.size
-            if claimed > len(data):
+            if claimed > size:
                 raise tarfile.ReadError(f"member {info.name[:100]!r} claims {info.size} bytes, more than the "
-                                        f"{len(data)}-byte shard holds")
+                                        f"{size}-byte shard holds")
             if info.issparse():
                 raise tarfile.ReadError(f"member {info.name[:100]!r} is a sparse file")
             if not info.isreg() or (info.name.startswith("__") and info.name.endswith("__") and "/" not in info.name):
                 continue
-            f = tar.extractfile(info)
-            assert f is not None
-            members.append((info.name, f.read()))
+            member = tar.extractfile(info)
+            assert member is not None
+            members.append((info.name, member.read()))
             tar.members = []  # a streamed archive keeps every TarInfo otherwise
     return members

@@ -210,16 +210,23 @@ class DataConfig:
     read_timeout_s: float = 300.0
     """A read of one file (shard, manifest, tokenizer) from an http(s) or pipe: source not finished after this many
     seconds is stopped, with the same consequences."""
+    cache_dir: str = ""
+    """Folder for a node-local cache of verified shards of http(s) and pipe: sources (data and eval), shared by the
+    node's ranks and loader workers: a shard is fetched once, later epochs read the cache. Empty: no cache."""
+    cache_max_gb: float = 64.0
+    """Size bound of cache_dir in GiB; least recently used shards are evicted past it."""
 
 
 @dataclass
 class EvalConfig:
     path: str = ""
-    """Prepared directory of held-out shards (`launch.prepare ... --out`); empty disables evaluation."""
+    """Held-out shards (`launch.prepare ... --out`): a prepared directory, an http(s):// URL or a pipe: command, any
+    number of shards; empty disables evaluation."""
     every: int = 100
     """Steps between evaluations (and one at the end)."""
     batches: int = 4
-    """Micro-batches per rank in the fixed evaluation set."""
+    """Micro-batches (of train.micro_batch_size rows) in the fixed evaluation set, in all: the ranks split them, so
+    the set, its masks and the result do not depend on the world size."""
     seed: int = 0
     """Fixes the evaluation rows and masks; keep it equal across runs you want to compare."""
 
@@ -642,7 +649,8 @@ def _path_problems(cfg: RunConfig) -> list[str]:
     out = _check_writable("out_dir", Path(cfg.out_dir))
     if not Path(cfg.train.deepspeed_config).is_file():
         out.append(f"train.deepspeed_config: file not found: {cfg.train.deepspeed_config}")
-    if cfg.eval.path and not Path(cfg.eval.path).exists():
+    remote_eval = cfg.eval.path.startswith(("http://", "https://", "pipe:"))
+    if cfg.eval.path and not remote_eval and not Path(cfg.eval.path).exists():
         out.append(f"eval.path: not found: {cfg.eval.path} (prepare held-out shards with launch.prepare, or set "
                    f"eval.path='' to disable evaluation)")
     if not Path(cfg.data.path).exists():
@@ -693,6 +701,8 @@ def _data_problems(d: DataConfig) -> list[str]:
         out.append(f"data.seq_len: must be >= 8, got {d.seq_len}")
     if d.num_workers < 0:
         out.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if not d.cache_max_gb > 0:
+        out.append(f"data.cache_max_gb: must be > 0 GiB, got {shown(d.cache_max_gb)}")
     for key in ("read_stall_s", "read_timeout_s"):
         if not getattr(d, key) > 0:
             out.append(f"data.{key}: must be > 0 seconds, got {shown(getattr(d, key))}")

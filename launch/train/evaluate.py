@@ -5,8 +5,9 @@ Reported, whatever the training mix says: MLM loss and accuracy at 15% (BERT 80/
 (SpanBERT defaults), causal loss / perplexity, and prefix-LM loss / perplexity (the split drawn uniformly within
 20-80% of each row, next-token loss after it under prefix attention). A run trained with mode tokens
 (objectives.mode_tokens) is evaluated with them too: each objective's rows start with its mode token, exactly as
-in training, so the held-out numbers measure the model as it was trained to be used. Each rank evaluates its own
-disjoint slice of the eval shards; sums are all-reduced, so the numbers do not depend on how the set was split.
+in training, so the held-out numbers measure the model as it was trained to be used. The set and its masks do not
+depend on the world size; each rank evaluates its share of the set's batches (data/evalset.py) and the sums are
+all-reduced, so the numbers do not depend on how the set was split.
 """
 
 from __future__ import annotations
@@ -25,21 +26,21 @@ LANGUAGE_MODELS = ("causal", "prefix")
 
 class Evaluator:
     def __init__(self, path: str, seq_len: int, batch_size: int, batches: int, rank: int, world: int,
-                 tok_info, seed: int = 0, mode_tokens: bool = False):
-        from data.stream import PackedStream
+                 tok_info, seed: int = 0, mode_tokens: bool = False, **read):
+        from data.evalset import eval_share
         from objectives import build_objective, step_generator
 
-        stream = PackedStream(path, seq_len=seq_len, batch_size=batch_size, rank=rank, world_size=world, seed=seed)
-        it = iter(stream)
-        # Materialise the fixed set once: `batches` micro-batches per rank, each objective with its own fixed masks.
+        # Materialise the fixed set once: this rank's share of `batches` micro-batches, each objective with its own
+        # fixed masks, seeded by the batch's place in the whole set (not by the rank).
+        share = eval_share(path, seq_len, batch_size, batches, rank, world, seed, **read)
+        self.counted = [b.counted for b in share]
         self.sets: dict[str, list] = {name: [] for name in EVAL_OBJECTIVES}
-        for i in range(batches):
-            rows, doc_ids = next(it)
+        for b in share:
             for j, (name, params) in enumerate(EVAL_OBJECTIVES.items()):
-                gen = step_generator(seed, rank, i, j)
+                gen = step_generator(seed, 0, b.index, j)
                 objective = build_objective(name, params, mode_tokens=mode_tokens)
-                self.sets[name].append(objective(rows, doc_ids, gen, tok_info))
-        self.rows = batches * batch_size
+                self.sets[name].append(objective(b.input_ids, b.doc_ids, gen, tok_info))
+        self.rows = sum(self.counted) * batch_size
 
     @torch.no_grad()
     def run(self, engine, device: torch.device) -> dict[str, float]:
@@ -47,10 +48,12 @@ class Evaluator:
         engine.eval()
         sums = torch.zeros(len(self.sets), 3, dtype=torch.float64)  # loss x labels, labels, correct
         for i, batches in enumerate(self.sets.values()):
-            for b in batches:
+            for b, counted in zip(batches, self.counted, strict=True):
                 out = engine(input_ids=b.input_ids.to(device), labels=b.labels.to(device),
                              doc_ids=b.doc_ids.to(device), attention=b.attention,
                              prefix_len=None if b.prefix_len is None else b.prefix_len.to(device))
+                if not counted:  # a padding batch: run (a ZeRO-3 forward is collective), never counted
+                    continue
                 n = float(out.num_labels)
                 sums[i] += torch.tensor([out.loss.float().item() * n, n, float(out.num_correct)], dtype=torch.float64)
         if dist.is_initialized():

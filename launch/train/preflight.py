@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from launch.config import ConfigError, RunConfig, warn
 from launch.train.engine_config import resolve_deepspeed_config, resolve_precision
+
+if TYPE_CHECKING:
+    from data.manifest import Manifest
 
 
 @dataclass
@@ -34,15 +39,72 @@ def preflight(cfg: RunConfig, world_size: int) -> Preflight:
     if not tok_path.is_file():
         raise ConfigError([f"tokenizer {tok_path} named by {cfg.data.path}/manifest.json is missing; re-run "
                            f"launch.prepare"])
-    _check_shard_files(cfg, manifest)
     tok = Tokenizer(tok_path)
     if tok.sha256 != manifest.tokenizer_sha256:
         raise ConfigError([f"tokenizer {tok_path} does not match the hash in {cfg.data.path}/manifest.json "
                            f"(replaced after prepare?); re-run launch.prepare"])
-    if len(manifest.shards) < world_size:
-        raise ConfigError([f"{cfg.data.path} has {len(manifest.shards)} shards for {world_size} ranks; each rank "
-                           f"needs at least one: re-run launch.prepare with a smaller --shard-bytes"])
+    problems = _check_sources(cfg, world_size, manifest) + _check_cache(cfg)
+    if problems:
+        raise ConfigError(problems)
     return Preflight(ds_config, precision, manifest, tok, tok_path.parent, _init_source(cfg, tok))
+
+
+def _check_sources(cfg: RunConfig, world_size: int, first: Manifest) -> list[str]:
+    """Every training source and the eval set, opened and checked before any rank starts (data.location.
+    check_source): readable manifest and tokenizer, the run's tokenizer, shards for every rank (training sources;
+    the eval set is split by batches, so any number of shards serves any world size), and (local) every shard
+    present at its size. All problems, one line each, naming the key."""
+    from data.location import FetchLimits, Location, check_source
+
+    d = cfg.data
+    limits = FetchLimits(stall_s=d.read_stall_s, deadline_s=d.read_timeout_s)
+    roles = [(f"data.sources.{spec}", spec, True) for spec in d.sources] or [("data.path", d.path, True)]
+    if cfg.eval.path:
+        roles.append(("eval.path", cfg.eval.path, False))
+    problems, shard_problems = [], []
+    for key, spec, training in roles:
+        manifest, problem, shards = check_source(Location(spec, limits))
+        if problem:
+            problems.append(f"{key}: {problem}")
+            continue
+        assert manifest is not None
+        if (manifest.tokenizer_sha256, manifest.vocab_size) != (first.tokenizer_sha256, first.vocab_size):
+            problems.append(f"{key}: {spec} was prepared with another tokenizer than data.path ({d.path}); prepare "
+                            f"it with `launch.prepare --tokenizer {Path(first.tokenizer_path)}`")
+        if training and len(manifest.shards) < world_size:
+            problems.append(f"{key}: {spec} has {len(manifest.shards)} shard(s) for {world_size} ranks; each rank "
+                            f"needs at least one: re-run launch.prepare with a smaller --shard-bytes")
+        shard_problems += [f"{key}: {p}" for p in shards]
+    if shard_problems and d.on_bad_data == "fail":
+        shown = shard_problems[:10] + ([f"... and {len(shard_problems) - 10} more"] if len(shard_problems) > 10
+                                       else [])
+        problems += shown + ["re-run `python -m launch.prepare` to rebuild the dataset, or set data.on_bad_data=skip "
+                             "to train without these shards (they are counted in the run summary)"]
+    elif shard_problems:
+        warn(f"{len(shard_problems)} shard(s) will be skipped (data.on_bad_data=skip): "
+             + "; ".join(shard_problems[:3]) + (" ..." if len(shard_problems) > 3 else ""))
+    return problems
+
+
+def _check_cache(cfg: RunConfig) -> list[str]:
+    """data.cache_dir, when set: a folder this user can create and write (it is created now, private)."""
+    from data.cache import ShardCache
+
+    d = cfg.data
+    if not d.cache_dir:
+        return []
+    specs = [*d.sources, d.path, cfg.eval.path]
+    if not any(s.startswith(("http://", "https://", "pipe:")) for s in specs):
+        warn(f"data.cache_dir={d.cache_dir} is unused: it caches http(s) and pipe: sources, and every source is local")
+        return []
+    cache = ShardCache(Path(d.cache_dir), int(d.cache_max_gb * 2**30))
+    try:
+        cache.prepare()
+    except OSError as e:
+        return [f"data.cache_dir: cannot create {d.cache_dir} ({e.strerror or e}); choose a folder on local disk"]
+    if not os.access(cache.folder, os.W_OK | os.X_OK) or not cache.folder.is_dir():
+        return [f"data.cache_dir: {d.cache_dir} is not a writable folder; choose another"]
+    return []
 
 
 def _init_source(cfg: RunConfig, tok):
@@ -57,20 +119,3 @@ def _init_source(cfg: RunConfig, tok):
         raise ConfigError([f"data.seq_len={cfg.data.seq_len} exceeds max_position_embeddings={max_pos} of "
                            f"model.init_from's {source.folder}/config.json"])
     return source
-
-
-def _check_shard_files(cfg: RunConfig, manifest) -> None:
-    """Missing or wrongly sized shards, found by a stat() of each before anything starts. Under on_bad_data='fail'
-    that is an error listing every one; under 'skip' a warning, and the loader leaves them out and counts them."""
-    from data.manifest import shard_file_problems
-
-    problems = shard_file_problems(manifest)
-    if not problems:
-        return
-    if cfg.data.on_bad_data == "fail":
-        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise ConfigError([f"{cfg.data.path}: {p}" for p in shown]
-                          + ["re-run `python -m launch.prepare` to rebuild the dataset, or set data.on_bad_data=skip "
-                             "to train without these shards (they are counted in the run summary)"])
-    warn(f"{cfg.data.path}: {len(problems)} of {len(manifest.shards)} shards will be skipped "
-         f"(data.on_bad_data=skip): " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))

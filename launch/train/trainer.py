@@ -129,10 +129,11 @@ class Trainer:
                                                     and not has_gpu else "") + f", head loss {head_loss}")
         d = cfg.data
         sources = [(k, float(v)) for k, v in d.sources.items()] or [(d.path, 1.0)]
+        self.read = {"read_stall_s": d.read_stall_s, "read_timeout_s": d.read_timeout_s, "cache_dir": d.cache_dir,
+                     "cache_max_bytes": int(d.cache_max_gb * 2**30)}
         self.stream = build_loader(sources, seq_len=d.seq_len, batch_size=t.micro_batch_size, rank=self.rank,
                                    world_size=self.world, seed=t.seed, num_workers=d.num_workers,
-                                   on_bad_data=d.on_bad_data, read_stall_s=d.read_stall_s,
-                                   read_timeout_s=d.read_timeout_s)
+                                   on_bad_data=d.on_bad_data, **self.read)
         if self.stream.manifest.tokenizer_sha256 != self.manifest.tokenizer_sha256:
             raise ConfigError([f"data.sources were prepared with another tokenizer than data.path ({d.path}); "
                                f"prepare every source with `launch.prepare --tokenizer {pre.tokenizer_dir}/spm.model`"])
@@ -166,7 +167,7 @@ class Trainer:
 
             self.evaluator = Evaluator(cfg.eval.path, cfg.data.seq_len, t.micro_batch_size, cfg.eval.batches,
                                        self.rank, self.world, self.tok_info, seed=cfg.eval.seed,
-                                       mode_tokens=cfg.objectives.mode_tokens)
+                                       mode_tokens=cfg.objectives.mode_tokens, **self.read)
         self.preempt = Preemption(self.rank, self.device)
         self.metrics = Metrics(self.out_dir, list(self.objectives), self.rank, t.max_steps, self.device,
                                {"config": cfg.to_dict(), "deepspeed": ds_config}, seq_len=cfg.data.seq_len,
