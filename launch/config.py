@@ -187,8 +187,13 @@ class DataConfig:
     seq_len: int = 128
     """Tokens per packed row."""
     num_workers: int = 0
-    """Loader worker processes per rank (0: read in the training process). Part of the data order: resume with
-    the same value."""
+    """Loader worker processes per rank (0: read in the training process). Not part of the data order: a run may
+    resume with another value (or another world size) and continues at the exact next row."""
+    shuffle_window_shards: int = 4
+    """Documents are shuffled across windows of this many consecutive shards (of each epoch's seeded shard
+    order); 1 shuffles inside each shard only. Memory bound: each reader (every rank, or each of its loader
+    workers) holds one window per source, up to this many x the shard size (launch.prepare --shard-bytes, 64 MiB
+    by default). Part of the data order: resume with the same value."""
     on_bad_data: str = "fail"
     """'fail': a corrupt or foreign shard or sample stops the run naming it; 'skip': skip it, count it, report the
     counts in the metrics and the run summary."""
@@ -576,6 +581,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.path: not found: {d.path} (write it with: python -m launch.prepare --input ... --out {d.path})")
     if d.num_workers < 0:
         p.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if not (isinstance(d.shuffle_window_shards, int) and d.shuffle_window_shards >= 1):
+        p.append(f"data.shuffle_window_shards: must be an integer >= 1, got {shown(d.shuffle_window_shards)}")
     if d.on_bad_data not in ("fail", "skip"):
         p.append(f"data.on_bad_data: must be fail or skip, got {shown(d.on_bad_data)}")
     for key in ("read_stall_s", "read_timeout_s"):
