@@ -176,3 +176,20 @@ def _workers() -> list[psutil.Process]:
         if len(alive) >= 2:
             return alive
         time.sleep(0.05)
+
+
+def test_a_window_of_every_shard_mixes_a_topic_sorted_corpus(tmp_path):
+    """bench/shuffle_mix.py's measure: 4 topics, one per shard, shards in topic order. With the window holding
+    every shard of the epoch, each topic's share of every 20 consecutive global batches stays within 5 points of
+    its global share. Tolerance: a 20-batch window holds ~3,000 documents, so a share's sampling noise is about
+    0.8 points (sd) and the largest over the ~50 windows about 2; 5 points is far outside that (seeds fixed).
+    Shuffling inside each shard only fails the same measure by far (a window then sees a few topics)."""
+    from bench.shuffle_mix import measure, topic_sorted_corpus
+
+    corpus = topic_sorted_corpus(tmp_path, topics=4, shards_per_topic=3, docs_per_shard=500, seed=0)
+    mixed = measure(corpus, window_shards=corpus.shards, epochs=2, seed=0)
+    assert mixed["windows_of_batches"] >= 40
+    assert all(abs(t["global"] - 0.25) < 0.01 for t in mixed["topics"])
+    assert max(t["max_deviation_points"] for t in mixed["topics"]) <= 5.0, mixed
+    in_shard = measure(corpus, window_shards=1, epochs=2, seed=0)
+    assert min(t["max_deviation_points"] for t in in_shard["topics"]) > 10.0, in_shard
