@@ -231,11 +231,6 @@ class Loader:
         """The first source's manifest."""
         return self.sources[0].manifest
 
-    @property
-    def partitions(self) -> int:
-        """Batch producers per rank: num_workers, at least 1."""
-        return max(1, self.config.num_workers)
-
     def spec(self) -> RowSpec:
         cfg, special = self.config, self.sources[0].manifest.special_ids
         return RowSpec(rank=cfg.rank, world_size=cfg.world_size, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
