@@ -5,24 +5,24 @@
     input_ids, doc_ids = next(loader)          # int64 [batch_size, seq_len], forever
     state = loader.state_dict()                # JSON; load_state_dict(state) continues at the next batch
 
-Layout. Each rank serves `partitions` = max(1, num_workers) disjoint partitions of every source's shards
-(data/plan.py); with num_workers > 0 each partition is a worker process, and batches are taken from the
-partitions in strict round robin, so the batch sequence is a pure function of (data, seed, rank, world size,
-num_workers, seq_len, batch_size, shuffle_documents) and never of timing. Shards < ranks is an error; shards <
-ranks x workers gives a warning and fewer workers (every worker needs a shard of every source).
+Order. There is one global sequence of packed rows, a function of the data and the seed only (data/order.py:
+shards permuted per epoch, documents shuffled across windows of data.shuffle_window_shards shards; data/rows.py:
+packing and the mixture). Each global step of batch_size x world_size rows is dealt out in contiguous slices,
+one per rank. The world size, num_workers and the batch size decide only who gets which rows, never which rows
+come next.
 
-Exact resume. Every batch travels with its partition's state right after it. The loader remembers, per
-partition, the state attached to the last batch it handed out, and which partition is next; that is
-state_dict(). Batches prefetched by workers but never handed out are not in it, so a restarted loader produces
-exactly the batches an uninterrupted one would have, across epoch boundaries and with any number of workers.
+Workers. With num_workers > 0 each worker process walks the same global sequence and builds the batches of every
+num_workers-th step of this rank; batches are taken from the workers in strict round robin, so the batch
+sequence never depends on timing.
 
-Document order. Shards are written in corpus order, so near-duplicates sit side by side; each shard's documents
-are read in a permutation seeded by (seed, source, epoch, shard) (SourcePlan.documents; shuffle_documents=False
-keeps file order). It is part of the position, so resume stays exact.
-
-Another world size or num_workers. A saved position only fits the layout it was saved under; load_reshaped(every
-old rank's state) restarts, per source, the earliest epoch any old rank was still reading, with the new split
-(data/reshape.py): nothing skipped, at most about an epoch read again.
+Exact resume, on any layout. Every batch travels with the state of the global sequence right after it: the
+cursor (global rows handed out), each source's position and the bad-data counters. The loader keeps the state
+attached to the last batch it handed out (batches prefetched by workers but never handed out are not in it);
+that is state_dict(). It is the same on every rank, so load_state_dict() of any rank's state continues at the
+exact next global row on any world size, num_workers or batch size (load_reshaped takes every old rank's state,
+checks that they agree, and does the same). What must stay: the sources, the seed, seq_len,
+shuffle_documents and shuffle_window_shards. States saved by an older cloze (version 2, whose order depended
+on the world size) are refused.
 
 Failures. An exception in a worker comes back in the main process as one clear error (BadDataError, a
 ValueError, for bad data under on_bad_data='fail'); a worker that dies is reported by torch's DataLoader within
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +43,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.cache import ShardCache
 from data.location import FetchError, FetchLimits, Location, same_dataset
 from data.manifest import MAX_META_BYTES, Manifest, file_sha256
-from data.partition import PartitionSpec, PartitionStream, epoch_rows, initial_state
-from data.plan import MixSchedule, SourcePlan
+from data.order import MixSchedule, SourceOrder
 from data.reader import ON_BAD_DATA, BadDataError, Source
-from data.reshape import reshaped_states
+from data.reshape import agreed_state
+from data.rows import POSITION_KEYS, RowSpec, RowStream, initial_state
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 _RERUN = "re-run `python -m launch.prepare`"
 
 
@@ -67,20 +66,25 @@ class LoaderConfig:
     rank: int = 0
     """This process's rank."""
     world_size: int = 1
-    """Number of ranks; each reads a disjoint part of every source."""
+    """Number of ranks; rank r gets the r-th slice of every global step's rows."""
     seed: int = 0
-    """Seeds the per-epoch shard orders and the document order inside each shard."""
+    """Seeds the per-epoch shard orders and the document order inside each window."""
     num_workers: int = 0
-    """Worker processes per rank (0: read in the main process). Part of the data order: resume with the same."""
+    """Worker processes per rank (0: read in the main process). Not part of the data order."""
     on_bad_data: str = "fail"
     """'fail': the first bad shard or sample stops the loader with an error naming it; 'skip': leave it out and
     count it in stats()."""
     shuffle_documents: bool = True
     """Visit each shard's documents in a seeded per-epoch permutation (prepare writes them in corpus order, so
     near-duplicates sit side by side); False reads them in file order. Part of the data order."""
+    shuffle_window_shards: int = 4
+    """Documents are shuffled across windows of this many consecutive shards of the epoch's shard order (1: inside
+    each shard only). Memory: every reader (each rank, or each of its workers) holds one window per source, i.e.
+    up to shuffle_window_shards x the shard size (launch.prepare --shard-bytes) per source. Part of the data
+    order."""
     worker_processes: bool = True
-    """False serves the num_workers partitions from the main process in the same order: the same batches, no
-    processes (for debugging and for tests that compare against the processes)."""
+    """False serves the batches from the main process: the same batches, no processes (for debugging and for
+    tests that compare against the processes)."""
     prefetch_batches: int = 2
     """Batches each worker prepares ahead."""
     timeout_s: float = 1800.0
@@ -116,6 +120,8 @@ class LoaderConfig:
             raise ValueError(f"rank={self.rank} must lie in [0, world_size={self.world_size})")
         if self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers} must be >= 0")
+        if not (isinstance(self.shuffle_window_shards, int) and self.shuffle_window_shards >= 1):
+            raise ValueError(f"shuffle_window_shards={self.shuffle_window_shards!r} must be an integer >= 1")
         if self.on_bad_data not in ON_BAD_DATA:
             raise ValueError(f"on_bad_data={self.on_bad_data!r}; choose one of {ON_BAD_DATA}")
         if self.prefetch_batches < 1 or self.timeout_s < 0:
@@ -183,44 +189,30 @@ def _tokenizer_sha256(location: Location, manifest: Manifest) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _partitions(cfg: LoaderConfig, sources: list[Source]) -> int:
-    """Partitions per rank: num_workers (at least 1), fewer when some source has too few shards."""
-    fewest = min(sources, key=lambda s: len(s.manifest.shards))
-    n = len(fewest.manifest.shards)
-    if n < cfg.world_size:
-        raise ValueError(
-            f"data source {fewest.location.spec!r} has {n} shard(s) for {cfg.world_size} ranks; every rank needs its "
-            f"own: {_RERUN} with a smaller --shard-bytes (at least {cfg.world_size} shards)")
-    wanted = max(1, cfg.num_workers)
-    usable = min(wanted, n // cfg.world_size)
-    if usable < wanted:
-        warnings.warn(
-            f"data source {fewest.location.spec!r} has {n} shards for {cfg.world_size} ranks x {cfg.num_workers} "
-            f"loader workers; only {usable} worker(s) per rank get shards, so {usable} are used. For more, "
-            f"{_RERUN} with a smaller --shard-bytes (at least {cfg.world_size * wanted} shards)", stacklevel=3)
-    return usable
-
-
 class _WorkerData(IterableDataset):
-    """What each worker process runs: the partition (worker id + rotation) % partitions, from its start state."""
+    """What each worker process runs: the global sequence from the start state, building every num_workers-th
+    step (its own, counted from the start) and walking past the others."""
 
-    def __init__(self, loader: Loader, states: list[dict[str, Any]], rotation: int):
-        self.sources, self.plans, self.schedule = loader.sources, loader.plans, loader.schedule
-        self.specs = [loader.spec(p) for p in range(loader.partitions)]
-        self.states, self.rotation = states, rotation
+    def __init__(self, loader: Loader, state: dict[str, Any]):
+        self.sources, self.orders, self.schedule = loader.sources, loader.orders, loader.schedule
+        self.spec, self.state = loader.spec(), state
 
     def __iter__(self):
         info = get_worker_info()
         assert info is not None, "_WorkerData runs only inside DataLoader workers"
-        part = (info.id + self.rotation) % len(self.specs)
         try:
-            stream = PartitionStream(self.sources, self.plans, self.schedule, self.specs[part], self.states[part])
+            stream = RowStream(self.sources, self.orders, self.schedule, self.spec, self.state)
+            step = 0
             while True:
-                ids, docs = stream.next_batch()
-                yield ids, docs, part, stream.state(), stream.drain_opened()
+                if step % info.num_workers == info.id:
+                    ids, docs = stream.next_batch()
+                    yield ids, docs, info.id, stream.state(), stream.drain_opened()
+                else:
+                    stream.skip_batch()
+                step += 1
         except Exception as e:  # noqa: BLE001 - handed to the main process in the batch's slot, raised there
-            yield None, None, part, {"type": type(e).__name__, "bad_data": isinstance(e, BadDataError),
-                                     "value_error": isinstance(e, ValueError), "message": str(e)}, []
+            yield None, None, info.id, {"type": type(e).__name__, "bad_data": isinstance(e, BadDataError),
+                                        "value_error": isinstance(e, ValueError), "message": str(e)}, []
 
 
 class Loader:
@@ -229,16 +221,16 @@ class Loader:
     def __init__(self, config: LoaderConfig):
         self.config = cfg = config
         self.sources = _open_sources(cfg)
-        self.partitions = _partitions(cfg, self.sources)
-        self.plans = [SourcePlan(s.framed_tokens(), cfg.seed, s.index, cfg.world_size, self.partitions, cfg.seq_len,
-                                 cfg.shuffle_documents) for s in self.sources]
+        self.orders = [SourceOrder(len(s.manifest.shards), cfg.seed, s.index, cfg.shuffle_window_shards,
+                                   cfg.shuffle_documents) for s in self.sources]
         self.schedule = MixSchedule([s.weight for s in self.sources])
         self.consumed_shards: list[str] = []
-        """Shard files the handed-out batches were read from, in the order they were opened ('<label>/<file>'
-        with several sources, the file name with one); a shard reopened after load_state_dict appears again."""
-        self._states = [initial_state(len(self.sources)) for _ in range(self.partitions)]
-        self._next = 0
-        self._streams: list[PartitionStream] | None = None  # in-process partitions
+        """Shard files the global sequence opened up to the last handed-out batch, in order ('<label>/<file>' with
+        several sources, the file name with one); the same on every rank. A shard reopened after load_state_dict
+        appears again."""
+        self._state = initial_state(len(self.sources))
+        self._next = 0  # the worker whose batch comes next
+        self._stream: RowStream | None = None  # in-process reading
         self._workers: Any = None  # DataLoader iterator
 
     @property
@@ -246,10 +238,10 @@ class Loader:
         """The first source's manifest."""
         return self.sources[0].manifest
 
-    def spec(self, part: int) -> PartitionSpec:
+    def spec(self) -> RowSpec:
         cfg, special = self.config, self.sources[0].manifest.special_ids
-        return PartitionSpec(rank=cfg.rank, part=part, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                             on_bad_data=cfg.on_bad_data, cls_id=special["[CLS]"], sep_id=special["[SEP]"])
+        return RowSpec(rank=cfg.rank, world_size=cfg.world_size, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                       on_bad_data=cfg.on_bad_data, cls_id=special["[CLS]"], sep_id=special["[SEP]"])
 
     # ----- iteration --------------------------------------------------------------------------------------------
     def __iter__(self) -> Loader:
@@ -258,145 +250,144 @@ class Loader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.num_workers > 0 and self.config.worker_processes:
             return self._next_from_workers()
-        if self._streams is None:
-            self._streams = [PartitionStream(self.sources, self.plans, self.schedule, self.spec(p), self._states[p])
-                             for p in range(self.partitions)]
-        part = self._next
-        stream = self._streams[part]
-        ids, docs = stream.next_batch()
-        self._handed_out(part, stream.state(), stream.drain_opened())
+        if self._stream is None:
+            self._stream = RowStream(self.sources, self.orders, self.schedule, self.spec(), self._state)
+        ids, docs = self._stream.next_batch()
+        self._handed_out(self._stream.state(), self._stream.drain_opened())
         return ids, docs
 
     def _next_from_workers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._workers is None:
-            data = _WorkerData(self, [dict(s) for s in self._states], rotation=self._next)
-            loader = DataLoader(data, batch_size=None, num_workers=self.partitions,
+            data = _WorkerData(self, dict(self._state))
+            loader = DataLoader(data, batch_size=None, num_workers=self.config.num_workers,
                                 prefetch_factor=self.config.prefetch_batches, timeout=self.config.timeout_s)
-            self._workers = iter(loader)
+            self._workers, self._next = iter(loader), 0
         try:
-            ids, docs, part, state, opened = next(self._workers)
+            ids, docs, worker, state, opened = next(self._workers)
         except Exception:
             self.close()
             raise
         if ids is None:
             self.close()
-            where = f"data loader worker (rank {self.config.rank}, partition {part})"
+            where = f"data loader worker (rank {self.config.rank}, worker {worker})"
             message = f"{where}: {state['message']}"
             if state["bad_data"]:
                 raise BadDataError(message)
             if state["value_error"]:
                 raise ValueError(message)
             raise RuntimeError(f"{where} failed with {state['type']}: {state['message']}")
-        assert part == self._next, f"batch from partition {part}, expected {self._next}: round robin broken"
-        self._handed_out(part, state, opened)
+        assert worker == self._next, f"batch from worker {worker}, expected {self._next}: round robin broken"
+        self._next = (worker + 1) % self.config.num_workers
+        self._handed_out(state, opened)
         return ids, docs
 
-    def _handed_out(self, part: int, state: dict[str, Any], opened: list[str]) -> None:
-        self._states[part] = state
-        self._next = (part + 1) % self.partitions
+    def _handed_out(self, state: dict[str, Any], opened: list[str]) -> None:
+        self._state = state
         if len(self.sources) == 1:
             opened = [name.split("/", 1)[1] for name in opened]
         self.consumed_shards.extend(opened)
 
     # ----- position -----------------------------------------------------------------------------------------
-    def _fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self) -> dict[str, Any]:
+        """What the global order depends on besides the data's bytes: a saved state resumes only a loader with
+        the same fingerprint."""
         cfg = self.config
-        return {"seed": cfg.seed, "shuffle_documents": cfg.shuffle_documents, "rank": cfg.rank,
-                "world_size": cfg.world_size, "partitions": self.partitions,
-                "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+        return {"seed": cfg.seed, "shuffle_documents": cfg.shuffle_documents,
+                "shuffle_window_shards": cfg.shuffle_window_shards, "seq_len": cfg.seq_len,
                 "sources": [[s.label, s.weight, len(s.manifest.shards)] for s in self.sources]}
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position: load_state_dict() of it continues with the next batch this loader would
-        hand out."""
-        return {"version": STATE_VERSION, **self._fingerprint(), "next_partition": self._next,
-                "partition_states": [dict(s) for s in self._states]}
+        """JSON-serialisable position: load_state_dict() of it continues with the next global row, on any world
+        size, num_workers or batch size. `layout` records who saved it (not needed to resume)."""
+        cfg = self.config
+        return {"version": STATE_VERSION, **self.fingerprint(),
+                "layout": {"rank": cfg.rank, "world_size": cfg.world_size, "num_workers": cfg.num_workers,
+                           "batch_size": cfg.batch_size},
+                "rows": self._state["rows"], "positions": [dict(p) for p in self._state["positions"]],
+                "counters": dict(self._state["counters"])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from state_dict() of a loader over the same sources, seed, ranks, workers and shapes."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+        """Continue from state_dict() of a loader over the same sources, seed, seq_len and shuffle settings, with
+        any rank, world size, num_workers and batch size."""
+        version = state.get("version") if isinstance(state, dict) else None
+        if isinstance(version, int) and version < STATE_VERSION:
+            raise ValueError(f"loader state version {version} was saved by an older cloze whose data order depended "
+                             "on the world size; this cloze cannot continue it: finish that run with the older "
+                             "cloze, or start afresh in a new out_dir")
+        if version != STATE_VERSION:
+            got = version if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"loader state version {got!r} is not {STATE_VERSION} (saved by another cloze?)")
-        for key, value in self._fingerprint().items():
+        for key, value in self.fingerprint().items():
             saved = state.get(key)
             if saved != value:
-                hint = (" (a new world size or num_workers: pass every old rank's state to load_reshaped)"
-                        if key in ("world_size", "partitions") else "")
                 raise ValueError(f"loader state was saved with {key}={saved!r}, this loader has {value!r}; resume "
-                                 f"with the same data, seed, ranks, num_workers, seq_len and batch size{hint}")
-        parts = state.get("partition_states")
-        nxt = state.get("next_partition")
-        if not isinstance(parts, list) or len(parts) != self.partitions or nxt not in range(self.partitions):
-            raise ValueError("loader state is damaged: partition_states / next_partition do not fit this loader")
-        for part, saved in enumerate(parts):
-            self._check_positions(part, saved)
-        self._start_from([dict(s) for s in parts], int(nxt))
-
-    def load_reshaped(self, old_states: list[dict[str, Any]]) -> dict[str, int]:
-        """Resume from the state_dict() of every rank of a run with another world size or num_workers (same
-        sources, seed, seq_len and batch size): per source, restart the earliest epoch any old rank was still
-        reading, from its beginning, with this loader's split (data/reshape.py). Returns {source label: epoch
-        restarted}; every rank of the new world gets the same."""
-        states, epochs = reshaped_states(self, old_states, STATE_VERSION)
-        for part, state in enumerate(states):
-            self._check_positions(part, state)
-        self._start_from(states, 0)
-        return epochs
-
-    def _start_from(self, states: list[dict[str, Any]], next_partition: int) -> None:
+                                 "with the same data sources, seed, seq_len, shuffle_documents and "
+                                 "shuffle_window_shards")
+        checked = self._checked(state)
         self.close()
-        self._states, self._next = states, next_partition
+        self._state = checked
         if self.config.num_workers == 0 or not self.config.worker_processes:
             # build now, so a state that does not fit the data fails here and not at the next batch
-            self._streams = [PartitionStream(self.sources, self.plans, self.schedule, self.spec(p), self._states[p])
-                             for p in range(self.partitions)]
+            self._stream = RowStream(self.sources, self.orders, self.schedule, self.spec(), self._state)
 
-    def _check_positions(self, part: int, saved: Any) -> None:
-        """Cheap shape and range checks, so a damaged state fails at load time in every mode."""
+    def load_reshaped(self, old_states: list[dict[str, Any]]) -> dict[str, int]:
+        """Resume from the state_dict() of every rank of a run with another world size or num_workers: the states
+        must agree (one global position, data/reshape.py); the loader continues at its next global row. Returns
+        {source label: epoch in progress}."""
+        self.load_state_dict(agreed_state(old_states))
+        return self.epochs()
+
+    def _checked(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The position part of a state after shape and range checks, so a damaged state fails at load time in
+        every mode."""
         problem = ""
-        positions = saved.get("sources") if isinstance(saved, dict) else None
-        if not isinstance(positions, list) or len(positions) != len(self.sources):
+        rows, positions, counters = state.get("rows"), state.get("positions"), state.get("counters")
+        if not isinstance(rows, int) or rows < 0:
+            problem = f"bad row cursor {rows!r}"
+        elif not isinstance(positions, list) or len(positions) != len(self.sources):
             problem = "wrong number of sources"
-        else:
-            for plan, pos in zip(self.plans, positions, strict=True):
-                keys = ("epoch", "shard", "member", "offset", "rows")
-                if (not isinstance(pos, dict) or not all(isinstance(pos.get(k), int) and pos[k] >= 0 for k in keys)
-                        or not isinstance(pos.get("shift", 0), int) or epoch_rows(pos) < 0):
-                    problem = f"bad position {pos!r}"
-                elif pos["shard"] >= len(plan.shards(pos["epoch"], self.config.rank, part)):
-                    problem = f"position {pos!r} is past the partition's shards"
-        counters = saved.get("counters", {}) if isinstance(saved, dict) else None
-        if not problem and not (isinstance(counters, dict) and all(isinstance(v, int) for v in counters.values())):
+        elif not (isinstance(counters, dict) and all(isinstance(v, int) for v in counters.values())):
             problem = "bad counters"
+        else:
+            for order, pos in zip(self.orders, positions, strict=True):
+                if not (isinstance(pos, dict) and all(isinstance(pos.get(k), int) and pos[k] >= 0
+                                                      for k in POSITION_KEYS)):
+                    problem = f"bad position {pos!r}"
+                elif pos["window"] >= order.windows_per_epoch:
+                    problem = f"position {pos!r} is past the epoch's last window"
+            if not problem and sum(p["rows"] for p in positions) != rows:
+                problem = f"the sources' rows do not add up to the cursor {rows}"
         if problem:
-            raise ValueError(f"loader state for partition {part} points outside the data or is damaged ({problem}); "
-                             "was it saved for this dataset?")
+            raise ValueError(f"loader state points outside the data or is damaged ({problem}); was it saved for "
+                             "this dataset?")
+        return {"rows": rows, "positions": [{k: p[k] for k in POSITION_KEYS} for p in positions],
+                "counters": {str(k): int(v) for k, v in counters.items()}}
 
     # ----- reporting ----------------------------------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        """The epoch in progress: the least advanced over sources and partitions (data/plan.py's equal-rows rule,
-        so the same on every rank at every batch)."""
+        """The epoch in progress: the least advanced over sources (the same on every rank at every batch)."""
         return min(self.epochs().values())
 
     def epochs(self) -> dict[str, int]:
-        """Per source label: its epoch in progress (the least advanced partition's)."""
-        out = {}
-        for s, (source, plan) in enumerate(zip(self.sources, self.plans, strict=True)):
-            out[source.label] = min(plan.epoch_of_row(p, epoch_rows(self._states[p]["sources"][s]))
-                                    for p in range(self.partitions))
-        return out
+        """Per source label: the epoch of the next document its rows are cut from."""
+        return {source.label: int(pos["epoch"]) for source, pos in zip(self.sources, self._state["positions"],
+                                                                        strict=True)}
+
+    def rows(self) -> int:
+        """Global rows handed out up to the last batch, by all ranks together (the cursor)."""
+        return int(self._state["rows"])
 
     def stats(self) -> dict[str, int]:
-        """Counters up to the last handed-out batch: skipped_shards/<reason>, skipped_samples/<reason> (only
-        those that happened), tokens/<source> (tokens in rows handed out), epoch/<source>."""
+        """Counters up to the last handed-out batch. Every rank reads the same global sequence, so the counts of
+        the whole run come from rank 0 only (summing over ranks gives them once): skipped_shards/<reason>,
+        skipped_samples/<reason> (only those that happened), tokens/<source> (tokens of the global rows handed
+        out). Every rank: epoch/<source>."""
         out: dict[str, int] = {}
-        for state in self._states:
-            for key, value in state.get("counters", {}).items():
-                out[key] = out.get(key, 0) + int(value)
-        for s, source in enumerate(self.sources):
-            rows = sum(int(state["sources"][s]["rows"]) for state in self._states)
-            out[f"tokens/{source.label}"] = rows * self.config.seq_len
+        if self.config.rank == 0:
+            out.update({k: int(v) for k, v in self._state["counters"].items()})
+            for source, pos in zip(self.sources, self._state["positions"], strict=True):
+                out[f"tokens/{source.label}"] = int(pos["rows"]) * self.config.seq_len
         out.update({f"epoch/{label}": epoch for label, epoch in self.epochs().items()})
         return out
 
@@ -408,7 +399,7 @@ class Loader:
             shutdown = getattr(workers, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
-        self._streams = None
+        self._stream = None
 
     def __enter__(self) -> Loader:
         return self
@@ -433,6 +424,7 @@ def build_loader(
     num_workers: int = 0,
     on_bad_data: str = "fail",
     shuffle_documents: bool = True,
+    shuffle_window_shards: int = 4,
     read_stall_s: float = 30.0,
     read_timeout_s: float = 300.0,
     cache_dir: str = "",
@@ -441,8 +433,8 @@ def build_loader(
     """The trainer's entry point; a single source is [(path, 1.0)]. See LoaderConfig for the arguments."""
     return Loader(LoaderConfig(sources=list(sources), seq_len=seq_len, batch_size=batch_size, rank=rank,
                                world_size=world_size, seed=seed, num_workers=num_workers, on_bad_data=on_bad_data,
-                               shuffle_documents=shuffle_documents, read_stall_s=read_stall_s,
-                               read_timeout_s=read_timeout_s, cache_dir=cache_dir,
+                               shuffle_documents=shuffle_documents, shuffle_window_shards=shuffle_window_shards,
+                               read_stall_s=read_stall_s, read_timeout_s=read_timeout_s, cache_dir=cache_dir,
                                cache_max_bytes=cache_max_bytes))
 
 

@@ -51,6 +51,26 @@ class Packer:
                              f"{position}); the state does not belong to this data")
         self.head, self.head_position, self.offset = doc, position, offset
 
+    def skip(self, n: int) -> None:
+        """Move past the next n rows without building them: afterwards the packer stands exactly where rows(n)
+        would have left it (the same documents read, the same one cut)."""
+        need = n * self.seq_len
+        if need <= 0:
+            return
+        if self.head is not None:
+            rest = self.head.size - self.offset
+            if rest > need:
+                self.offset += need
+                return
+            need -= rest
+            self.head, self.head_position, self.offset = None, None, 0
+        while need > 0:
+            ids, position = self.next_doc()
+            size = ids.size + 2
+            if size > need:
+                self.head, self.head_position, self.offset = self.frame(ids), position, need
+            need -= size
+
     def rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next n rows: (ids, doc_ids), both int64 [n, seq_len]."""
         need = n * self.seq_len

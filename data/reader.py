@@ -1,4 +1,4 @@
-"""Reading one source's shards for one partition, verified, under the on_bad_data policy.
+"""Reading one source's shards, verified, under the on_bad_data policy.
 
 A shard is fetched whole (local file into memory; http(s) and pipe: streamed into a file while hashed, or taken
 from the node's shard cache, data/cache.py), checked against the manifest (size, then sha256) before any of its
@@ -14,13 +14,8 @@ Bad data and the policy:
   lists);
 - sample level: `member` (not `<key>.ids`), `length` (not a whole number of ids), `vocab` (an id >= vocab size).
 With on_bad_data='fail' the first one raises BadDataError naming the shard (and the sample key); with 'skip' it
-is left out, counted under `skipped_shards/<reason>` or `skipped_samples/<reason>` and logged. If a whole epoch of
-a partition yields no usable document, the reader raises whatever the policy: skipping would otherwise spin
-forever.
-
-Positions are (epoch, shard position in the partition's list, member index in the shard's reading order, a
-seeded permutation: SourcePlan.documents), counting every member, bad ones included, so the same data always
-gives the same positions and a resumed reader skips and counts exactly what the uninterrupted one did.
+is left out, counted under `skipped_shards/<reason>` or `skipped_samples/<reason>` and logged. (If a whole epoch
+yields no usable document, data/rows.py raises whatever the policy: skipping would otherwise spin forever.)
 """
 
 from __future__ import annotations
@@ -39,7 +34,6 @@ import numpy as np
 
 from data.location import FetchError, Location
 from data.manifest import Manifest, ShardInfo
-from data.plan import SourcePlan
 from data.shards import MAX_SHARD_BYTES
 
 ON_BAD_DATA = ("fail", "skip")
@@ -53,7 +47,7 @@ _SAMPLE_WARNINGS = 5  # per reader; later skipped samples are only counted
 log = logging.getLogger("cloze.data")
 
 Position = tuple[int, int, int]
-"""(epoch, shard position, member index)."""
+"""(epoch, window position, member index in the window's reading order): data/order.py."""
 
 
 class BadDataError(ValueError):
@@ -82,80 +76,27 @@ class Source:
         return [s.tokens + 2 * s.samples for s in self.manifest.shards]
 
 
-class SourceReader:
-    """Documents (token ids, no specials) of one source for one (rank, partition), epoch after epoch."""
+class ShardReader:
+    """Whole shards of one source, fetched, verified and parsed; bad ones handled under the on_bad_data policy.
+    Which shard comes when is the caller's business (data/rows.py, in the order of data/order.py)."""
 
-    def __init__(
-        self,
-        source: Source,
-        plan: SourcePlan,
-        rank: int,
-        part: int,
-        on_bad_data: str,
-        counters: dict[str, int],
-        opened: Callable[[str], None],
-    ):
+    def __init__(self, source: Source, on_bad_data: str, counters: dict[str, int], opened: Callable[[str], None]):
         if on_bad_data not in ON_BAD_DATA:
             raise ValueError(f"on_bad_data={on_bad_data!r}; choose one of {ON_BAD_DATA}")
-        self.source, self.plan, self.rank, self.part = source, plan, rank, part
-        self.on_bad_data = on_bad_data
+        self.source, self.on_bad_data = source, on_bad_data
         self.counters = counters
         self._opened = opened
-        self._epoch = self._shard_pos = self._member = 0
-        self._members: list[tuple[str, bytes]] | None = None
-        self._loaded_at: tuple[int, int] | None = None  # (epoch, shard_pos) of _members
-        self._scan_start: tuple[int, int] | None = None  # epoch scanned from its first shard, docs found in it
         self._sample_warnings = 0
 
-    @property
-    def position(self) -> Position:
-        """Where the next document is looked for."""
-        return self._epoch, self._shard_pos, self._member
+    def load(self, index: int) -> list[tuple[str, bytes]] | None:
+        """Shard `index`'s (member name, payload) list in file order, or None when it is skipped as bad."""
+        return self._load(index)
 
-    def seek(self, position: Position) -> None:
-        epoch, shard_pos, member = (int(x) for x in position)
-        if epoch < 0 or member < 0 or not 0 <= shard_pos < len(self.plan.shards(epoch, self.rank, self.part)):
-            raise ValueError(f"loader state points outside source {self.source.label!r}: position {position}")
-        self._epoch, self._shard_pos, self._member = epoch, shard_pos, member
-        self._scan_start = None
-        if self._loaded_at != (epoch, shard_pos):
-            self._members, self._loaded_at = None, None
+    def decode(self, index: int, name: str, payload: bytes) -> np.ndarray | None:
+        """Member `name` of shard `index` as token ids, or None when it is skipped as bad."""
+        return self._decode(index, name, payload)
 
-    def next_doc(self) -> tuple[np.ndarray, Position]:
-        """The next usable document's ids and its position; moves past it."""
-        while True:
-            order = self.plan.shards(self._epoch, self.rank, self.part)
-            if self._shard_pos >= len(order):
-                self._next_epoch()
-                continue
-            if self._loaded_at != (self._epoch, self._shard_pos):
-                if self._shard_pos == 0 and self._member == 0:
-                    self._scan_start = (self._epoch, 0)
-                self._members = self._load(order[self._shard_pos])
-                self._loaded_at = (self._epoch, self._shard_pos)
-            members = self._members
-            if members is None or self._member >= len(members):
-                self._shard_pos, self._member = self._shard_pos + 1, 0
-                self._members, self._loaded_at = None, None
-                continue
-            position = self.position
-            name, payload = members[self._member]
-            self._member += 1
-            ids = self._decode(order[self._shard_pos], name, payload)
-            if ids is not None:
-                if self._scan_start is not None:
-                    self._scan_start = (self._scan_start[0], 1)
-                return ids, position
-
-    def _next_epoch(self) -> None:
-        if self._scan_start == (self._epoch, 0):
-            raise ValueError(
-                f"source {self.source.label!r}, rank {self.rank}, partition {self.part}: no usable document in all "
-                f"of epoch {self._epoch} ({self._skips()}); the data is unreadable, nothing is left to train on")
-        self._epoch, self._shard_pos, self._member = self._epoch + 1, 0, 0
-        self._members, self._loaded_at = None, None
-
-    def _skips(self) -> str:
+    def skips(self) -> str:
         parts = [f"{k} {v}" for k, v in sorted(self.counters.items()) if k.startswith("skipped_") and v]
         return "skipped: " + ", ".join(parts) if parts else "nothing skipped"
 
@@ -187,9 +128,7 @@ class SourceReader:
         if len(members) != info.samples:
             self._bad_shard(index, "count", f"{len(members)} members, the manifest lists {info.samples} samples")
             return None
-        # The whole shard's members are in memory, so its documents can be visited in the plan's seeded order
-        # (data/plan.py) at no cost; member indices in positions count in that order.
-        return [members[i] for i in self.plan.documents(self._epoch, index, len(members))]
+        return members
 
     def _verified_members(self, info: ShardInfo) -> list[tuple[str, bytes]]:
         """The members of a shard whose size and sha256 match the manifest; _BadShard otherwise. A local shard is

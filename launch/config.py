@@ -199,8 +199,13 @@ class DataConfig:
     seq_len: int = 128
     """Tokens per packed row."""
     num_workers: int = 0
-    """Loader worker processes per rank (0: read in the training process). Part of the data order: resume with
-    the same value."""
+    """Loader worker processes per rank (0: read in the training process). Not part of the data order: a run may
+    resume with another value (or another world size) and continues at the exact next row."""
+    shuffle_window_shards: int = 4
+    """Documents are shuffled across windows of this many consecutive shards (of each epoch's seeded shard
+    order); 1 shuffles inside each shard only. Memory bound: each reader (every rank, or each of its loader
+    workers) holds one window per source, up to this many x the shard size (launch.prepare --shard-bytes, 64 MiB
+    by default). Part of the data order: resume with the same value."""
     on_bad_data: OnBadData = "fail"
     """'fail': a corrupt or foreign shard or sample stops the run naming it; 'skip': skip it, count it, report the
     counts in the metrics and the run summary."""
@@ -703,6 +708,8 @@ def _data_problems(d: DataConfig) -> list[str]:
         out.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
     if not d.cache_max_gb > 0:
         out.append(f"data.cache_max_gb: must be > 0 GiB, got {shown(d.cache_max_gb)}")
+    if d.shuffle_window_shards < 1:
+        out.append(f"data.shuffle_window_shards: must be >= 1, got {d.shuffle_window_shards}")
     for key in ("read_stall_s", "read_timeout_s"):
         if not getattr(d, key) > 0:
             out.append(f"data.{key}: must be > 0 seconds, got {shown(getattr(d, key))}")

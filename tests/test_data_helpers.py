@@ -97,15 +97,16 @@ def shard_documents(docs, manifest) -> list[list]:
     return [list(docs[a:b]) for a, b in zip(starts, starts[1:])]
 
 
-def reading_order(plan, by_shard, rank: int, part: int, epochs) -> list:
-    """What partition (rank, part) reads in the given epochs: its shards in the plan's order, each shard's
-    documents in the plan's seeded order (SourcePlan.documents). Entries of by_shard may be strings (a bad member,
-    named by its skip reason): they stay in the list, so callers can see where the reader meets them."""
+def reading_order(order, by_shard, epochs) -> list:
+    """The global document order of one source in the given epochs (data/order.py): each window's documents,
+    its shards' members taken shard after shard, in the window's seeded order. Entries of by_shard may be strings
+    (a bad member, named by its skip reason): they stay in the list, so callers can see where the reader meets
+    them. A shard given as None (skipped whole) contributes nothing."""
     out = []
     for epoch in epochs:
-        for shard in plan.shards(epoch, rank, part):
-            members = by_shard[shard]
-            out.extend(members[i] for i in plan.documents(epoch, shard, len(members)))
+        for w in range(order.windows_per_epoch):
+            members = [m for i in order.window(epoch, w) for m in (by_shard[i] or [])]
+            out.extend(members[j] for j in order.documents(epoch, w, len(members)))
     return out
 
 

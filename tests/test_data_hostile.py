@@ -15,7 +15,7 @@ import torch
 import webdataset
 
 from data.loader import BadDataError, Loader, LoaderConfig
-from data.plan import SourcePlan
+from data.order import SourceOrder
 from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_order
 
 SEQ = 16
@@ -91,24 +91,27 @@ def test_foreign_members_are_never_decoded(three_shards, tmp_path_factory):
            3: ("member", "unexpected member '0000000003.pyd'"), 5: ("length", "3 bytes is not a whole number")}
     # Shard 0's members are read in a seeded order, so the first bad one met depends on the seed: for each bad
     # member, a seed that reads it first among the bad ones must stop the loader with an error naming it.
+    def first_bad(seed: int) -> int:  # with windows of one shard, shard 0's members are read in this order
+        order = SourceOrder(3, seed, 0, window_shards=1)
+        return next(i for i in order.documents(0, list(order.order(0)).index(0), 7) if i in bad)
+
     for index, (_, message) in bad.items():
-        seed = next(s for s in range(1000) if next(i for i in SourcePlan([1], s, 0, 1, 1, SEQ).documents(0, 0, 7)
-                                                   if i in bad) == index)
+        seed = next(s for s in range(1000) if first_bad(s) == index)
         with pytest.raises(BadDataError, match=re.escape(message)) as e:
-            rows_for(loader(root, "fail", seed=seed), 10_000)
+            rows_for(loader(root, "fail", seed=seed, shuffle_window_shards=1), 10_000)
         assert name in str(e.value) and f"'{members[index][0].split('.')[0]}'" in str(e.value)
 
     skipping = loader(root, "skip")
-    plan = skipping.plans[0]
+    order = skipping.orders[0]
     by_shard = [[np.array([9, 10, 11]), "member", "vocab", "member", np.array([12, 13]), "length", np.array([14])],
                 docs[4:8], docs[8:12]]
-    epoch0 = reading_order(plan, by_shard, 0, 0, [0])
+    epoch0 = reading_order(order, by_shard, [0])
     want = framed(epoch0)
     got = rows_for(skipping, want.size)
     assert np.array_equal(got, want)  # exactly the good documents, in the reading order
     counts = {k: v for k, v in skipping.stats().items() if k.startswith("skipped")}
     # every bad member of epoch 0 once, plus those of epoch 1 the last row's tail reached past
-    expected = met_when_reading(epoch0 + reading_order(plan, by_shard, 0, 0, [1]), -(-want.size // SEQ) * SEQ)
+    expected = met_when_reading(epoch0 + reading_order(order, by_shard, [1]), -(-want.size // SEQ) * SEQ)
     assert counts == expected
     assert expected["skipped_samples/member"] >= 2 and expected.keys() >= {"skipped_samples/vocab",
                                                                             "skipped_samples/length"}
@@ -166,7 +169,7 @@ def test_damaged_shard_fail_or_skip(three_shards, damage, reason):
 
     skipping = loader(root, "skip")
     by_shard = [docs[0:4], [], docs[8:12]]  # shard 1 is left out whole
-    want = framed(reading_order(skipping.plans[0], by_shard, 0, 0, [0]))
+    want = framed(reading_order(skipping.orders[0], by_shard, [0]))
     assert np.array_equal(rows_for(skipping, want.size), want)
     skipped = {k: v for k, v in skipping.stats().items() if k.startswith("skipped")}
     # counted each time the shard comes up (the last row may reach into epoch 1 and meet it again)

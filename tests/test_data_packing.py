@@ -1,6 +1,6 @@
-"""data/packing.py and data/plan.py as pure functions: packing is a lossless cut of the framed documents, the
-packer resumes from its position, the mixture schedule holds every share within one row, and the equal-rows
-epoch table is the minimum over ranks."""
+"""data/packing.py and data/order.py as pure functions: packing is a lossless cut of the framed documents, the
+packer resumes from its position and skips rows exactly, the mixture schedule holds every share within one row,
+and the data order (shard windows, document permutations) is a seeded function of the data only."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from data.order import MixSchedule, SourceOrder
 from data.packing import Packer
-from data.plan import MixSchedule, SourcePlan
 
 CLS, SEP = 2, 3
 
@@ -88,20 +88,31 @@ def test_mixture_schedule_keeps_every_share_within_one_row(weights, n):
     assert sum(counts) == n
 
 
-def test_equal_rows_epoch_table_is_the_minimum_over_ranks():
-    rng = np.random.default_rng(0)
-    framed = [int(x) for x in rng.integers(50, 5000, size=23)]
-    world, parts, seq = 3, 2, 64
-    plan = SourcePlan(framed, seed=1, source_index=0, world_size=world, partitions=parts, seq_len=seq)
-    for part in range(parts):
-        own = np.zeros(world, dtype=np.int64)
-        for epoch in range(5):
-            for rank in range(world):
-                own[rank] += plan.epoch_tokens(epoch, rank, part)
-            assert plan.end_rows(part, epoch) == own.min() // seq
-        assert [plan.epoch_of_row(part, r) for r in (0, plan.end_rows(part, 0) - 1)] == [0, 0]
-        assert plan.epoch_of_row(part, plan.end_rows(part, 0)) >= 1
-    # shards are split disjointly over ranks x partitions and cover everything, every epoch
+def test_source_order_windows_cover_each_epoch_and_are_seeded():
+    order = SourceOrder(23, seed=1, source_index=0, window_shards=4)
+    assert order.windows_per_epoch == 6
     for epoch in range(3):
-        seen = [i for rank in range(world) for part in range(parts) for i in plan.shards(epoch, rank, part)]
-        assert sorted(seen) == list(range(len(framed)))
+        windows = [order.window(epoch, w) for w in range(order.windows_per_epoch)]
+        assert [len(w) for w in windows] == [4, 4, 4, 4, 4, 3]  # the last window holds the rest
+        assert sorted(i for w in windows for i in w) == list(range(23))  # every shard once per epoch
+        assert [i for w in windows for i in w] == list(order.order(epoch))
+    assert len({tuple(order.order(e)) for e in range(4)}) == 4  # a new shard order every epoch
+    again, other = SourceOrder(23, 1, 0, 4), SourceOrder(23, 2, 0, 4)
+    assert list(again.documents(1, 2, 50)) == list(order.documents(1, 2, 50))
+    assert list(other.documents(1, 2, 50)) != list(order.documents(1, 2, 50))
+    assert sorted(order.documents(0, 5, 50)) == list(range(50))
+    assert list(SourceOrder(23, 1, 0, 4, shuffle_documents=False).documents(0, 0, 9)) == list(range(9))
+    assert SourceOrder(3, 1, 0, window_shards=8).windows_per_epoch == 1  # a window never exceeds the epoch
+
+
+@settings(max_examples=40, deadline=None)
+@given(docs=doc_lists, seq=st.integers(1, 40), before=st.integers(0, 6), after=st.integers(1, 6))
+def test_skip_leaves_the_packer_where_rows_would(docs, seq, before, after):
+    built = Packer(_docs_source(docs)[0], seq, CLS, SEP)
+    if before:
+        built.rows(before)
+    skipped = Packer(_docs_source(docs)[0], seq, CLS, SEP)
+    skipped.skip(before)
+    assert (skipped.offset, skipped.head_position) == (built.offset, built.head_position)
+    a, b = built.rows(after), skipped.rows(after)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])

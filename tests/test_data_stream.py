@@ -1,10 +1,9 @@
-"""PackedStream (one source, in process): packing invariants, per-epoch shard order, rank disjointness, exact
-resume, and the checks on the layout and on saved states."""
+"""PackedStream (one source, in process): packing invariants, the per-epoch order, ranks dealt contiguous slices
+of one global sequence, exact resume, and the checks on saved states."""
 
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -34,12 +33,12 @@ def take(stream, n: int) -> tuple[np.ndarray, np.ndarray]:
 def test_rows_are_the_framed_documents_cut_into_seq_len(data):
     root, docs, manifest = data
     stream = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=3)
-    plan = stream.plans[0]
-    assert plan.epoch_tokens(0, 0, 0) == manifest.tokens + 2 * manifest.documents
-    n_batches = 2 * plan.epoch_tokens(0, 0, 0) // (SEQ * BATCH) + 2  # runs into the third epoch
+    order = stream.orders[0]
+    epoch_tokens = manifest.tokens + 2 * manifest.documents
+    n_batches = 2 * epoch_tokens // (SEQ * BATCH) + 2  # runs into the third epoch
     ids, _ = take(stream, n_batches)
     assert ids.shape == (n_batches * BATCH, SEQ) and ids.dtype == np.int64
-    want = framed(reading_order(plan, shard_documents(docs, manifest), 0, 0, range(3)))
+    want = framed(reading_order(order, shard_documents(docs, manifest), range(3)))
     # nothing dropped, nothing padded, documents split across rows and epochs in order
     assert np.array_equal(ids.reshape(-1), want[: ids.size])
     assert stream.epoch == 2
@@ -60,57 +59,44 @@ def test_doc_ids_restart_per_row_and_count_documents(data):
 
 def test_epoch_order_is_seeded_and_consumed_shards_recorded(data):
     root, _, manifest = data
-    a = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=11).plans[0]
-    b = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=11).plans[0]
-    assert a.shards(0, 0, 0) == b.shards(0, 0, 0)
-    assert sorted(a.shards(0, 0, 0)) == list(range(len(manifest.shards)))
-    assert len({tuple(a.shards(e, 0, 0)) for e in range(4)}) > 1
-    assert a.shards(0, 0, 0) != PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=12).plans[0].shards(0, 0, 0)
+    a = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=11).orders[0]
+    b = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=11).orders[0]
+    assert list(a.order(0)) == list(b.order(0))
+    assert sorted(a.order(0)) == list(range(len(manifest.shards)))
+    assert len({tuple(a.order(e)) for e in range(4)}) > 1
+    assert list(a.order(0)) != list(PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=12).orders[0].order(0))
     stream = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=11)
-    take(stream, a.epoch_tokens(0, 0, 0) // (SEQ * BATCH) + 1)
-    names = [manifest.shards[i].file for i in a.shards(0, 0, 0)]
-    assert stream.consumed_shards[: len(names)] == names
+    take(stream, (manifest.tokens + 2 * manifest.documents) // (SEQ * BATCH) + 1)
+    names = [manifest.shards[i].file for i in a.order(0)]
+    assert stream.consumed_shards[: len(names)] == names  # opened a window at a time, in the epoch's order
 
 
-def test_two_ranks_read_disjoint_shards(data):
+def test_ranks_get_contiguous_slices_of_one_global_sequence(data):
     root, _, manifest = data
+    one = take(PackedStream(root, seq_len=SEQ, batch_size=2 * BATCH, seed=4), 12)
     ranks = [PackedStream(root, seq_len=SEQ, batch_size=BATCH, rank=r, world_size=2, seed=4) for r in range(2)]
-    plan = ranks[0].plans[0]
-    for epoch in range(3):
-        orders = [set(plan.shards(epoch, r, 0)) for r in range(2)]
-        assert not orders[0] & orders[1]
-        assert orders[0] | orders[1] == set(range(len(manifest.shards)))
-    for r, s in enumerate(ranks):  # read a little over one epoch each
-        take(s, plan.epoch_tokens(0, r, 0) // (SEQ * BATCH) + 1)
-    first = [set(s.consumed_shards[: len(plan.shards(0, r, 0))]) for r, s in enumerate(ranks)]
-    assert not first[0] & first[1]
-
-
-def test_fewer_shards_than_ranks_is_an_error_than_workers_a_warning(data):
-    root, _, manifest = data
+    got = [take(s, 12) for s in ranks]
+    for k in range(12):  # global step k: rank 0's rows, then rank 1's
+        for r in range(2):
+            mine = slice(k * BATCH, (k + 1) * BATCH)
+            whole = slice(k * 2 * BATCH + r * BATCH, k * 2 * BATCH + (r + 1) * BATCH)
+            assert np.array_equal(got[r][0][mine], one[0][whole]) and np.array_equal(got[r][1][mine], one[1][whole])
+    # fewer shards than ranks is fine: every rank reads the whole sequence
     n = len(manifest.shards)
-    with pytest.raises(ValueError, match=f"{n} shard.*{n + 1} ranks.*--shard-bytes"):
-        PackedStream(root, seq_len=SEQ, batch_size=BATCH, rank=0, world_size=n + 1)
-    # 7 shards, 2 ranks x 4 workers: each rank has 3 or 4 shards, so 3 workers get one of every epoch
-    with pytest.warns(UserWarning, match="only 3 worker") as caught:
-        loader = Loader(LoaderConfig([(str(root), 1.0)], SEQ, BATCH, rank=1, world_size=2, num_workers=4,
-                                     worker_processes=False))
-    assert "--shard-bytes" in str(caught[0].message) and loader.partitions == 3
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # enough shards: no warning
-        assert Loader(LoaderConfig([(str(root), 1.0)], SEQ, BATCH, world_size=2, num_workers=3,
-                                   worker_processes=False)).partitions == 3
+    many = PackedStream(root, seq_len=SEQ, batch_size=1, rank=n, world_size=n + 1, seed=4)
+    assert next(many)[0].shape == (1, SEQ)
+    assert ranks[0].state_dict()["rows"] == ranks[1].state_dict()["rows"] == 12 * 2 * BATCH
 
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_exact_resume_including_epoch_boundaries(data, rank):
-    root, _, _ = data
+    root, _, manifest = data
 
     def make():
         return PackedStream(root, seq_len=SEQ, batch_size=BATCH, rank=rank, world_size=2, seed=7)
 
     reference = make()
-    per_epoch = reference.plans[0].end_rows(0, 0) // BATCH
+    per_epoch = (manifest.tokens + 2 * manifest.documents) // (2 * BATCH * SEQ)  # global steps in one epoch
     total = 3 * per_epoch + 4
     ids, docs = take(reference, total)
     rows = BATCH
@@ -129,7 +115,7 @@ def test_exact_resume_including_epoch_boundaries(data, rank):
         assert np.array_equal(got_ids, ids[n * rows : (n + k) * rows]), n
         assert np.array_equal(got_docs, docs[n * rows : (n + k) * rows]), n
         assert resumed.stats() == make_stats_after(make, n + k)
-    positions = [s["partition_states"][0]["sources"][0] for s in states]
+    positions = [s["positions"][0] for s in states]
     # the points really include a cut inside a document and positions in later epochs
     assert any(p["offset"] > 0 for p in positions) and {p["epoch"] for p in positions} >= {0, 1}
 
@@ -145,16 +131,24 @@ def test_state_from_another_setup_is_refused(data):
     state = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=1).state_dict()
     with pytest.raises(ValueError, match="seed"):
         PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=2).load_state_dict(state)
-    with pytest.raises(ValueError, match="rank|world_size"):
-        PackedStream(root, seq_len=SEQ, batch_size=BATCH, rank=1, world_size=2, seed=1).load_state_dict(state)
-    with pytest.raises(ValueError, match="batch_size"):
-        PackedStream(root, seq_len=SEQ, batch_size=BATCH + 1, seed=1).load_state_dict(state)
-    with pytest.raises(ValueError, match="version"):
-        PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=1).load_state_dict({"version": 1})
+    with pytest.raises(ValueError, match="seq_len"):
+        PackedStream(root, seq_len=SEQ + 1, batch_size=BATCH, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="version 7 is not 3"):
+        PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=1).load_state_dict({"version": 7})
+    # a state of the older, world-size-dependent order: one clear refusal
+    with pytest.raises(ValueError, match="version 2 was saved by an older cloze.*new out_dir"):
+        PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=1).load_state_dict({"version": 2})
+    for key, value in (("window", 10_000), ("rows", -1), ("epoch", "x")):
+        bad = json.loads(json.dumps(state))
+        bad["positions"][0][key] = value
+        with pytest.raises(ValueError, match="outside"):
+            PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=1).load_state_dict(bad)
     bad = json.loads(json.dumps(state))
-    bad["partition_states"][0]["sources"][0]["shard"] = 10_000
-    with pytest.raises(ValueError, match="outside"):
+    bad["rows"] = 5  # the sources' rows no longer add up to it
+    with pytest.raises(ValueError, match="add up"):
         PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=1).load_state_dict(bad)
+    # rank, world size and batch size are free: any rank's state continues the global sequence
+    PackedStream(root, seq_len=SEQ, batch_size=BATCH + 1, rank=1, world_size=2, seed=1).load_state_dict(state)
 
 
 def test_argument_checks(data):
@@ -173,30 +167,31 @@ def test_argument_checks(data):
         Loader(LoaderConfig([(str(root), 1.0), (str(root) + "/", 1.0)], 8, 1))
 
 
-def test_documents_are_read_in_a_seeded_order_inside_each_shard(data):
+@pytest.mark.parametrize("window", [1, 3])
+def test_documents_are_read_in_a_seeded_order_across_each_window(data, window):
     root, docs, manifest = data
-    plan = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=3).plans[0]
-    sizes = [s.samples for s in manifest.shards]
-    orders = {(e, i): tuple(plan.documents(e, i, n)) for e in range(3) for i, n in enumerate(sizes)}
-    assert all(sorted(o) == list(range(sizes[i])) for (_, i), o in orders.items())
-    again = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=3).plans[0]
-    assert all(tuple(again.documents(e, i, sizes[i])) == o for (e, i), o in orders.items())
-    other = PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=4).plans[0]
-    assert any(tuple(other.documents(e, i, sizes[i])) != o for (e, i), o in orders.items())
-    assert len({orders[(e, 0)] for e in range(3)}) > 1  # a new order every epoch
-    # How far the reading order is from file order: a uniform permutation of 6 keeps a file-order neighbour pair
-    # (i then i+1) (n-1)/n times on average, so over 6 shards x 3 epochs about 15 of the 90 pairs (file order: 90).
-    # The seeds are fixed, so this cannot flake; 30 is twice the mean, far below file order.
-    kept = sum(int(b == a + 1) for (_, i), o in orders.items() if sizes[i] == 6 for a, b in zip(o, o[1:]))
-    assert kept < 30
 
+    def stream(**kw):
+        return Loader(LoaderConfig([(str(root), 1.0)], SEQ, BATCH, seed=3, shuffle_window_shards=window, **kw))
+
+    order = stream().orders[0]
     by_shard = shard_documents(docs, manifest)
-    n = plan.epoch_tokens(0, 0, 0) // (SEQ * BATCH)
-    shuffled, _ = take(PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=3), n)
-    assert np.array_equal(shuffled.reshape(-1), framed(reading_order(plan, by_shard, 0, 0, [0]))[: shuffled.size])
-    in_file_order = Loader(LoaderConfig([(str(root), 1.0)], SEQ, BATCH, seed=3, shuffle_documents=False))
+    n = (manifest.tokens + 2 * manifest.documents) // (SEQ * BATCH)
+    shuffled, _ = take(stream(), n)
+    want = reading_order(order, by_shard, [0])
+    assert np.array_equal(shuffled.reshape(-1), framed(want)[: shuffled.size])
+    # a window's documents come from all of its shards, interleaved
+    shard_of = {id(d): i for i, members in enumerate(by_shard) for d in members}
+    first = [shard_of[id(d)] for d in want[: sum(len(by_shard[i]) for i in order.window(0, 0))]]
+    assert set(first) == set(order.window(0, 0))
+    if window > 1:
+        assert sum(a != b for a, b in zip(first, first[1:])) > len(first) // 3
+    in_file_order = stream(shuffle_documents=False)
     ids, _ = take(in_file_order, n)
-    files = framed([d for i in plan.shards(0, 0, 0) for d in by_shard[i]])
+    files = framed([d for i in order.order(0) for d in by_shard[i]])
     assert np.array_equal(ids.reshape(-1), files[: ids.size]) and not np.array_equal(ids, shuffled)
     with pytest.raises(ValueError, match="shuffle_documents"):  # part of the data order: a state does not carry over
-        in_file_order.load_state_dict(PackedStream(root, seq_len=SEQ, batch_size=BATCH, seed=3).state_dict())
+        in_file_order.load_state_dict(stream().state_dict())
+    with pytest.raises(ValueError, match="shuffle_window_shards"):
+        Loader(LoaderConfig([(str(root), 1.0)], SEQ, BATCH, seed=3, shuffle_window_shards=window + 1)
+               ).load_state_dict(stream().state_dict())

@@ -43,26 +43,26 @@ def preflight(cfg: RunConfig, world_size: int) -> Preflight:
     if tok.sha256 != manifest.tokenizer_sha256:
         raise ConfigError([f"tokenizer {tok_path} does not match the hash in {cfg.data.path}/manifest.json "
                            f"(replaced after prepare?); re-run launch.prepare"])
-    problems = _check_sources(cfg, world_size, manifest) + _check_cache(cfg)
+    problems = _check_sources(cfg, manifest) + _check_cache(cfg)
     if problems:
         raise ConfigError(problems)
     return Preflight(ds_config, precision, manifest, tok, tok_path.parent, _init_source(cfg, tok))
 
 
-def _check_sources(cfg: RunConfig, world_size: int, first: Manifest) -> list[str]:
+def _check_sources(cfg: RunConfig, first: Manifest) -> list[str]:
     """Every training source and the eval set, opened and checked before any rank starts (data.location.
-    check_source): readable manifest and tokenizer, the run's tokenizer, shards for every rank (training sources;
-    the eval set is split by batches, so any number of shards serves any world size), and (local) every shard
-    present at its size. All problems, one line each, naming the key."""
+    check_source): readable manifest and tokenizer, the run's tokenizer, at least one shard, and (local) every
+    shard present at its size. Any number of shards serves any world size: every rank reads the one global row
+    sequence (data/rows.py) and the eval set is split by batches. All problems, one line each, naming the key."""
     from data.location import FetchLimits, Location, check_source
 
     d = cfg.data
     limits = FetchLimits(stall_s=d.read_stall_s, deadline_s=d.read_timeout_s)
-    roles = [(f"data.sources.{spec}", spec, True) for spec in d.sources] or [("data.path", d.path, True)]
+    roles = [(f"data.sources.{spec}", spec) for spec in d.sources] or [("data.path", d.path)]
     if cfg.eval.path:
-        roles.append(("eval.path", cfg.eval.path, False))
+        roles.append(("eval.path", cfg.eval.path))
     problems, shard_problems = [], []
-    for key, spec, training in roles:
+    for key, spec in roles:
         manifest, problem, shards = check_source(Location(spec, limits))
         if problem:
             problems.append(f"{key}: {problem}")
@@ -71,9 +71,6 @@ def _check_sources(cfg: RunConfig, world_size: int, first: Manifest) -> list[str
         if (manifest.tokenizer_sha256, manifest.vocab_size) != (first.tokenizer_sha256, first.vocab_size):
             problems.append(f"{key}: {spec} was prepared with another tokenizer than data.path ({d.path}); prepare "
                             f"it with `launch.prepare --tokenizer {Path(first.tokenizer_path)}`")
-        if training and len(manifest.shards) < world_size:
-            problems.append(f"{key}: {spec} has {len(manifest.shards)} shard(s) for {world_size} ranks; each rank "
-                            f"needs at least one: re-run launch.prepare with a smaller --shard-bytes")
         shard_problems += [f"{key}: {p}" for p in shards]
     if shard_problems and d.on_bad_data == "fail":
         shown = shard_problems[:10] + ([f"... and {len(shard_problems) - 10} more"] if len(shard_problems) > 10

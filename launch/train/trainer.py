@@ -133,7 +133,8 @@ class Trainer:
                      "cache_max_bytes": int(d.cache_max_gb * 2**30)}
         self.stream = build_loader(sources, seq_len=d.seq_len, batch_size=t.micro_batch_size, rank=self.rank,
                                    world_size=self.world, seed=t.seed, num_workers=d.num_workers,
-                                   on_bad_data=d.on_bad_data, **self.read)
+                                   on_bad_data=d.on_bad_data, shuffle_window_shards=d.shuffle_window_shards,
+                                   **self.read)
         if self.stream.manifest.tokenizer_sha256 != self.manifest.tokenizer_sha256:
             raise ConfigError([f"data.sources were prepared with another tokenizer than data.path ({d.path}); "
                                f"prepare every source with `launch.prepare --tokenizer {pre.tokenizer_dir}/spm.model`"])
@@ -260,18 +261,10 @@ class Trainer:
         self.mixer.load_state_dict(state["mixer"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped_steps = state.get("skipped_steps", 0)
-        if plan.reshaped:
-            epochs = self.stream.load_reshaped([s["stream"] for s in plan.states])  # {source label: epoch}
+        if plan.reshaped:  # the loader's position is global: any old rank's state continues it exactly
+            self.stream.load_reshaped([s["stream"] for s in plan.states])
             log0(self.rank, f"resumed from {self.ckpt_dir / plan.tag} at step {self.step} on {self.world} ranks "
-                            f"(written by {plan.old_world}): the data restarts epoch(s) {epochs} with the new split")
-        elif isinstance(state["stream"], dict) and state["stream"].get("partitions") != self.stream.partitions:
-            # Same world, another data.num_workers: the positions belong to another split of each rank's shards.
-            # Map them like a world-size change (every old rank's position is needed for that).
-            every = [checkpoint.load_rank_state(self.ckpt_dir, plan.tag, r)["stream"] for r in range(self.world)]
-            epochs = self.stream.load_reshaped(every)
-            log0(self.rank, f"resumed from {self.ckpt_dir / plan.tag} at step {self.step}; data.num_workers changed "
-                            f"({state['stream'].get('partitions')} -> {self.stream.partitions} loader partitions per "
-                            f"rank): the data restarts epoch(s) {epochs} with the new split")
+                            f"(written by {plan.old_world}): the data continues at global row {self.stream.rows()}")
         else:
             self.stream.load_state_dict(state["stream"])
             log0(self.rank, f"resumed from {self.ckpt_dir / plan.tag} at step {self.step}")
