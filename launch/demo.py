@@ -30,13 +30,13 @@ from launch.train.metrics import fmt_duration
 from launch.train.runlock import check_free
 
 DEMO_VOCAB_SIZE = 4000
-"""Tokenizer pieces of the main job. Half of launch.prepare's default: a model trained on a few million tokens
-learns a 4000-row embedding faster (each row is seen twice as often), its MLM head costs half as much, and the
-stdlib still encodes at 3.1 bytes per token (3.5 with 8000 pieces)."""
+"""Tokenizer pieces of the main job. Half of launch.prepare's default: in a few million training tokens each
+embedding row is seen about twice as often, the MLM head costs half as much, and the stdlib still encodes at 3.1
+bytes per token (3.6 with launch.prepare's 8000 pieces and sample)."""
 DEMO_TOKENIZER_SAMPLE = 2000
 """Segments the main job's tokenizer trains on (about 2 MB). SentencePiece's training time grows with the sample:
-launch.prepare's default 8000 costs about 65 CPU seconds on the stdlib, 2000 about 15, for 3% more tokens per
-byte."""
+launch.prepare's default 8000 costs about 65 CPU seconds on the stdlib, 2000 about 15, for about 5% more tokens
+on the same text."""
 
 
 def stdlib_glob() -> str:
