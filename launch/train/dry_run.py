@@ -154,7 +154,8 @@ def phase_table(cfg: RunConfig) -> list[str]:
     phases = run.phases()
     if not run.mix_schedule and not run.moving and not run.data_schedule:
         return []
-    keys = [k for k in phases[0][2] if run.mix_schedule or not k.startswith("mix/")]
+    objectives_move = bool(run.mix_schedule or run.moving)  # else only the data mix moves: no objective columns
+    keys = [k for k in phases[0][2] if objectives_move or not k.startswith("mix/")]
     header = ["steps"] + [k.replace("mix/", "share ").replace("data/", "data ") for k in keys]
 
     def pct(step: int) -> str:
