@@ -357,8 +357,8 @@ class Loader:
             saved = state.get(key)
             if saved != value:
                 if key == "schedule":
-                    raise ValueError(f"loader state was saved with the source-mix schedule {saved!r}, this loader has "
-                                     f"{value!r} (knots in global rows); resume with the same data.schedule, "
+                    raise ValueError(f"loader state was saved with the source-mix schedule {saved!r:.200}, this loader "
+                                     f"has {value!r:.200} (knots in global rows); resume with the same data.schedule, "
                                      "train.max_steps and global batch (micro x accum x world)")
                 raise ValueError(f"loader state was saved with {key}={saved!r}, this loader has {value!r}; resume "
                                  "with the same data sources, seed, seq_len, shuffle_documents and "
