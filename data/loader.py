@@ -21,8 +21,8 @@ attached to the last batch it handed out (batches prefetched by workers but neve
 that is state_dict(). It is the same on every rank, so load_state_dict() of any rank's state continues at the
 exact next global row on any world size, num_workers or batch size (load_reshaped takes every old rank's state,
 checks that they agree, and does the same). What must stay: the sources, the seed, seq_len,
-shuffle_documents and shuffle_window_shards. States saved by an older cloze (version 2, whose order depended
-on the world size) are refused.
+shuffle_documents, shuffle_window_shards and the source-mix schedule (its knots are global rows). States saved
+by an older cloze (version 2, whose order depended on the world size) are refused.
 
 Failures. An exception in a worker comes back in the main process as one clear error (BadDataError, a
 ValueError, for bad data under on_bad_data='fail'); a worker that dies is reported by torch's DataLoader within
@@ -99,6 +99,12 @@ class LoaderConfig:
     """Folder of the node's shard cache for http(s) and pipe: sources (data/cache.py); empty: no cache."""
     cache_max_bytes: int = 64 << 30
     """The cache's size bound."""
+    schedule: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    """Source-mix knots after row 0: (global row, {source: weight}), the source named as in `sources`, a source
+    left out weighs 0 there; the weights of `sources` are the mix at row 0 (data/order.py, MixSchedule). Rows
+    strictly increase. Part of the data order."""
+    schedule_between: str = "linear"
+    """'linear': the weights move row by row from knot to knot; 'hold': each knot's weights hold until the next."""
     labels: list[str] = field(default_factory=list)
     """Filled in: one unique short name per source (its folder's or URL's last component)."""
 
@@ -140,6 +146,27 @@ class LoaderConfig:
                 label += "_"
             labels.append(label)
         self.labels = labels
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        specs = [spec for spec, _ in self.sources]
+        if self.schedule_between not in ("linear", "hold"):
+            raise ValueError(f"schedule_between={self.schedule_between!r}; choose linear or hold")
+        checked = []
+        for item in self.schedule:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], dict)):
+                raise ValueError(f"source-mix knot {item!r} must be a (global row, {{source: weight}}) pair")
+            row, weights = item
+            if unknown := sorted(set(map(str, weights)) - set(specs)):
+                raise ValueError(f"source-mix knot at row {row} names {unknown}, not among the sources {specs}")
+            checked.append((row, {str(k): float(v) for k, v in weights.items()}))
+        self.schedule = checked
+        self.mix_schedule()  # refuses rows out of order and bad weights now, not at the first batch
+
+    def mix_schedule(self) -> MixSchedule:
+        """The row mixture: the sources' weights, then the schedule's knots."""
+        knots = [(row, [w.get(spec, 0.0) for spec, _ in self.sources]) for row, w in self.schedule]
+        return MixSchedule([w for _, w in self.sources], knots, self.schedule_between)
 
 
 def _open_sources(cfg: LoaderConfig) -> list[Source]:
@@ -223,7 +250,7 @@ class Loader:
         self.sources = _open_sources(cfg)
         self.orders = [SourceOrder(len(s.manifest.shards), cfg.seed, s.index, cfg.shuffle_window_shards,
                                    cfg.shuffle_documents) for s in self.sources]
-        self.schedule = MixSchedule([s.weight for s in self.sources])
+        self.schedule = cfg.mix_schedule()
         self.consumed_shards: list[str] = []
         """Shard files the global sequence opened up to the last handed-out batch, in order ('<label>/<file>' with
         several sources, the file name with one); the same on every rank. A shard reopened after load_state_dict
@@ -294,7 +321,16 @@ class Loader:
         cfg = self.config
         return {"seed": cfg.seed, "shuffle_documents": cfg.shuffle_documents,
                 "shuffle_window_shards": cfg.shuffle_window_shards, "seq_len": cfg.seq_len,
-                "sources": [[s.label, s.weight, len(s.manifest.shards)] for s in self.sources]}
+                "sources": [[s.label, s.weight, len(s.manifest.shards)] for s in self.sources],
+                "schedule": self._schedule_fingerprint()}
+
+    def _schedule_fingerprint(self) -> dict[str, Any] | None:
+        """The source-mix knots as normalised weights per source, or None for a fixed mix (as older states,
+        which lack the key, read)."""
+        mix = self.schedule
+        if not mix.scheduled:
+            return None
+        return {"between": mix.between, "knots": [[row, list(w)] for row, w in mix.knots[1:]]}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: load_state_dict() of it continues with the next global row, on any world
@@ -320,6 +356,10 @@ class Loader:
         for key, value in self.fingerprint().items():
             saved = state.get(key)
             if saved != value:
+                if key == "schedule":
+                    raise ValueError(f"loader state was saved with the source-mix schedule {saved!r:.200}, this loader "
+                                     f"has {value!r:.200} (knots in global rows); resume with the same data.schedule, "
+                                     "train.max_steps and global batch (micro x accum x world)")
                 raise ValueError(f"loader state was saved with {key}={saved!r}, this loader has {value!r}; resume "
                                  "with the same data sources, seed, seq_len, shuffle_documents and "
                                  "shuffle_window_shards")
@@ -429,13 +469,16 @@ def build_loader(
     read_timeout_s: float = 300.0,
     cache_dir: str = "",
     cache_max_bytes: int = 64 << 30,
+    schedule: list[tuple[int, dict[str, float]]] | None = None,
+    schedule_between: str = "linear",
 ) -> Loader:
     """The trainer's entry point; a single source is [(path, 1.0)]. See LoaderConfig for the arguments."""
     return Loader(LoaderConfig(sources=list(sources), seq_len=seq_len, batch_size=batch_size, rank=rank,
                                world_size=world_size, seed=seed, num_workers=num_workers, on_bad_data=on_bad_data,
                                shuffle_documents=shuffle_documents, shuffle_window_shards=shuffle_window_shards,
                                read_stall_s=read_stall_s, read_timeout_s=read_timeout_s, cache_dir=cache_dir,
-                               cache_max_bytes=cache_max_bytes))
+                               cache_max_bytes=cache_max_bytes, schedule=list(schedule or []),
+                               schedule_between=schedule_between))
 
 
 __all__ = ["BadDataError", "Loader", "LoaderConfig", "build_loader"]

@@ -195,7 +195,14 @@ class DataConfig:
     run's; it is also the only source unless `sources` is set."""
     sources: dict[str, float] = field(default_factory=dict)
     """Several sources mixed by token share, e.g. {runs/web: 0.7, runs/code: 0.3}; each a prepared directory, an
-    http(s):// base URL or a pipe: command, all prepared with the same tokenizer as `path`. Empty: {path: 1.0}."""
+    http(s):// base URL or a pipe: command, all prepared with the same tokenizer as `path`. Empty: {path: 1.0}.
+    With `schedule`, these are the weights at step 0."""
+    schedule: list[Any] | dict[str, Any] | None = None
+    """Knots of the source mix after step 0, values weight mappings over the keys of `sources` (a source left out
+    weighs 0 there), e.g. more of a high-quality source in the final decay: {hold: [[90%, {runs/web: 0.3,
+    runs/books: 0.7}]]}; a plain knot list moves the weights linearly. The loader follows it row by row (a knot
+    at step s takes effect at global row s x micro x accum x world). Syntax: launch/train/schedules.py. Part of
+    the data order: resume with the same schedule, train.max_steps and global batch. None: a fixed mix."""
     seq_len: int = 128
     """Tokens per packed row."""
     num_workers: int = 0
@@ -622,13 +629,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def validate(cfg: RunConfig) -> list[str]:
     """Every check that needs only the config and the code (not the data or the world size)."""
-    from launch.train.schedules import check_objectives  # the mix, its schedule, each objective's parameters
+    from launch.train.schedules import check_data_schedule, check_objectives  # mixes, schedules, parameters
 
     if unusable := _unusable_paths(cfg):
         return unusable  # the checks below would fail on these paths with an OSError naming no key
     return [*_choice_problems(cfg), *_path_problems(cfg), *_train_count_problems(cfg.train),
             *_train_optimizer_problems(cfg.train), *_data_problems(cfg.data), *_eval_problems(cfg.eval),
-            *_model_problems(cfg), *check_objectives(cfg)]
+            *_model_problems(cfg), *check_objectives(cfg), *check_data_schedule(cfg)]
 
 
 def _one_of(values: tuple[Any, ...]) -> str:

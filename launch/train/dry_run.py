@@ -152,10 +152,11 @@ def phase_table(cfg: RunConfig) -> list[str]:
     it arrives. Steps are counted as the log counts them (the first step is 1)."""
     run = build_schedules(cfg)
     phases = run.phases()
-    if not run.mix_schedule and not run.moving:
+    if not run.mix_schedule and not run.moving and not run.data_schedule:
         return []
-    keys = list(phases[0][2])
-    header = ["steps"] + [k.replace("mix/", "share ") for k in keys]
+    objectives_move = bool(run.mix_schedule or run.moving)  # else only the data mix moves: no objective columns
+    keys = [k for k in phases[0][2] if objectives_move or not k.startswith("mix/")]
+    header = ["steps"] + [k.replace("mix/", "share ").replace("data/", "data ") for k in keys]
 
     def pct(step: int) -> str:
         return f"{100 * step / run.max_steps:g}%"
@@ -168,7 +169,7 @@ def phase_table(cfg: RunConfig) -> list[str]:
             cells.append(f"{start[k]:.3f}" + (f" -> {end[k]:.3f}" if moves else ""))
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    out = [f"== schedules: {len(phases)} phase(s) over {run.max_steps} steps (share: of micro-batches; a -> b: "
-           f"ramps linearly to b where the phase ends)"]
+    out = [f"== schedules: {len(phases)} phase(s) over {run.max_steps} steps (share: of micro-batches; data: of "
+           f"rows; a -> b: ramps linearly to b where the phase ends)"]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     return out

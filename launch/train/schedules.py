@@ -1,4 +1,5 @@
-"""Knot schedules: config values that move during a run (the objective mix, an objective's masking rate).
+"""Knot schedules: config values that move during a run (the objective mix, an objective's masking rate, the mix
+of data sources).
 
 In YAML a schedulable value is one of
 
@@ -20,6 +21,11 @@ Where schedules are read:
 - `objectives.schedule`: knots of the objective mix after step 0 (objectives.mix is the mix at step 0), values are
   weight mappings like objectives.mix. Weights are normalised per knot and the shares move between knots; an
   objective missing from a knot has weight 0 there. The mixer follows it per micro-batch (objectives/mixer.py).
+- `data.schedule`: knots of the data-source mix after step 0 (data.sources is the mix at step 0), values are
+  weight mappings over data.sources' keys, e.g. {hold: [[90%, {runs/web: 0.3, runs/books: 0.7}]]}. A source
+  missing from a knot has weight 0 there. The trainer turns each knot's step into a global row (step x the
+  global batch, micro x accum x world rows) and the loader picks each global row's source so that every
+  source's realised share follows the scheduled weight row by row (data/order.py, MixSchedule).
 
 Every value is a pure function of the step, so a resumed run continues the same values exactly: nothing about a
 schedule is kept in a checkpoint (the mixer's own state still records the mix knots and refuses a changed mix).
@@ -124,11 +130,12 @@ def is_schedule(raw: Any) -> bool:
 
 
 def parse(key: str, raw: Any, max_steps: int, problems: list[str], weights: bool = False,
-          first_step: int = 0) -> Schedule | None:
+          first_step: int = 0, mix_key: str = "objectives.mix", noun: str = "objective") -> Schedule | None:
     """The schedule `raw` at config key `key`, or None with a line per problem appended to `problems`.
 
-    weights: knot values are objective-weight mappings (checked by the mixer later), else finite numbers.
-    first_step: the lowest step a knot may sit at (1 for objectives.schedule, whose step 0 is objectives.mix)."""
+    weights: knot values are weight mappings (of `noun`s, like `mix_key`; checked by their user later), else
+    finite numbers. first_step: the lowest step a knot may sit at (1 for a mix schedule, whose step 0 is
+    `mix_key`)."""
     from launch.config import shown
 
     between = "linear"
@@ -155,12 +162,12 @@ def parse(key: str, raw: Any, max_steps: int, problems: list[str], weights: bool
             problems.append(f"{where}: {step}")
             continue
         if step < first_step:
-            problems.append(f"{where}: the knot at {at} comes before step {first_step}; objectives.mix is the mix at "
-                            f"step 0, so objectives.schedule lists the knots after it")
+            problems.append(f"{where}: the knot at {at} comes before step {first_step}; {mix_key} is the mix at "
+                            f"step 0, so {key} lists the knots after it")
             continue
         if weights:
             if not isinstance(value, Mapping):
-                problems.append(f"{where}: the value must be a mapping of objective weights like objectives.mix, "
+                problems.append(f"{where}: the value must be a mapping of {noun} weights like {mix_key}, "
                                 f"got {shown(value)}")
                 continue
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -207,6 +214,10 @@ class RunSchedules:
     """Per objective, its scheduled parameters."""
     max_steps: int
     grad_accum: int
+    data_mix: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """data.sources: the source weights at step 0 (empty: one source)."""
+    data_schedule: Schedule | None = None
+    """data.schedule, or None for a fixed source mix."""
 
     @property
     def names(self) -> list[str]:
@@ -228,6 +239,25 @@ class RunSchedules:
         value = Schedule("objectives.mix", tuple(knots), between).value_at(step, before)
         assert isinstance(value, dict)
         return {n: value.get(n, 0.0) for n in self.names}
+
+    def data_shares_at(self, step: float, before: bool = False) -> dict[str, float]:
+        """The normalised source mix at `step` (the loader interpolates per global row; this is its value at the
+        step's first row)."""
+        assert self.data_schedule is not None
+        knots = [Knot(0, "0", _normalised(self.data_mix))]
+        knots += [Knot(k.step, k.written, _normalised(k.value)) for k in self.data_schedule.knots]  # type: ignore
+        value = Schedule("data.sources", tuple(knots), self.data_schedule.between).value_at(step, before)
+        assert isinstance(value, dict)
+        return {n: value.get(n, 0.0) for n in self.data_mix}
+
+    def data_knots(self, global_rows: int) -> tuple[list[tuple[int, dict[str, float]]], str]:
+        """data.schedule for the loader: (global row, {source: weight}) knots after row 0, with `global_rows`
+        rows per optimizer step (micro x accum x world), and how the weights move between knots. No knots: the
+        data.sources weights hold."""
+        if self.data_schedule is None:
+            return [], "linear"
+        return ([(k.step * global_rows, dict(k.value)) for k in self.data_schedule.knots],  # type: ignore[arg-type]
+                self.data_schedule.between)
 
     def mixer(self, seed: int) -> Mixer:
         """The mixer over micro-steps (step x grad_accum + micro): the mix knots scaled to micro-steps, so the
@@ -257,7 +287,7 @@ class RunSchedules:
     def values_at(self, step: int) -> dict[str, float]:
         """Every scheduled value at `step`, keyed for TensorBoard: mix/<name> (the share, when the mix moves) and
         <objective>.<parameter>. Empty when nothing is scheduled."""
-        if not (self.mix_schedule or self.moving):
+        if not (self.mix_schedule or self.moving or self.data_schedule):
             return {}
         out = self._values(step)
         return out if self.mix_schedule else {k: v for k, v in out.items() if not k.startswith("mix/")}
@@ -266,6 +296,7 @@ class RunSchedules:
         """Steps in [0, max_steps) where some schedule has a knot, with 0: the starts of the run's phases."""
         every = [k.step for k in self.mix_schedule.knots] if self.mix_schedule else []
         every += [k.step for m in self.moving.values() for s in m.values() for k in s.knots]
+        every += [k.step for k in self.data_schedule.knots] if self.data_schedule else []
         return sorted({0, *(s for s in every if s < self.max_steps)})
 
     def phases(self) -> list[tuple[int, int, dict[str, float], dict[str, float]]]:
@@ -280,6 +311,8 @@ class RunSchedules:
         for name, moving in self.moving.items():
             out.update({f"{name}.{p}": float(s.value_at(step, before))  # type: ignore[arg-type]
                         for p, s in moving.items()})
+        if self.data_schedule:
+            out.update({f"data/{n}": v for n, v in self.data_shares_at(step, before).items()})
         return out
 
 
@@ -288,9 +321,10 @@ def _normalised(weights: Mapping[str, float]) -> dict[str, float]:
     return {n: float(w) / total for n, w in weights.items()}
 
 
-def build(cfg: RunConfig, problems: list[str] | None = None) -> RunSchedules | None:
+def build(cfg: RunConfig, problems: list[str] | None = None, data: bool = True) -> RunSchedules | None:
     """The run's schedules. With `problems`, append one line per problem and return None when there are any;
-    without, a problem raises ConfigError (the config was validated, so that is a programming error)."""
+    without, a problem raises ConfigError (the config was validated, so that is a programming error). data=False
+    leaves data.schedule out (check_objectives: check_data_schedule reports its problems)."""
     from launch.config import ConfigError
 
     own: list[str] = [] if problems is None else problems
@@ -319,11 +353,60 @@ def build(cfg: RunConfig, problems: list[str] | None = None) -> RunSchedules | N
             if schedule is not None:
                 moving.setdefault(name, {})[param] = schedule
                 params[name][param] = schedule.value_at(0)
+    data_schedule = _data_schedule(cfg, own) if data else None
     if len(own) > before:
         if problems is None:
             raise ConfigError(own)
         return None
-    return RunSchedules(dict(o.mix), mix_schedule, params, moving, max_steps, max(1, t.grad_accum))
+    return RunSchedules(dict(o.mix), mix_schedule, params, moving, max_steps, max(1, t.grad_accum),
+                        {str(k): float(v) for k, v in cfg.data.sources.items()}, data_schedule)
+
+
+def _data_schedule(cfg: RunConfig, problems: list[str]) -> Schedule | None:
+    """data.schedule parsed, its knot values checked against data.sources; None with problems appended."""
+    from launch.config import _suggest, shown
+
+    d = cfg.data
+    if d.schedule is None:
+        return None
+    if not d.sources:
+        problems.append("data.schedule: moves the weights of data.sources, which is empty; list the sources with "
+                        "their step-0 weights, e.g. data.sources={runs/web: 0.7, runs/books: 0.3}")
+        return None
+    before = len(problems)
+    schedule = parse("data.schedule", d.schedule, max(1, cfg.train.max_steps), problems, weights=True,
+                     first_step=1, mix_key="data.sources", noun="source")
+    names = [str(k) for k in d.sources]
+    raw = d.schedule
+    if isinstance(raw, Mapping) and len(raw) == 1:
+        raw = next(iter(raw.values()))
+    # Every knot's weights, also those of a knot whose position is wrong: all problems in one error.
+    for i, knot in enumerate(raw if isinstance(raw, list) else []):
+        if not (isinstance(knot, list) and len(knot) == 2 and isinstance(knot[1], Mapping)):
+            continue  # parse named it
+        where = f"data.schedule[{i}]"
+        for name, weight in knot[1].items():
+            if str(name) not in names:
+                problems.append(f"{where}: unknown source {shown(name)}{_suggest(str(name), names)}; a knot weighs "
+                                f"the keys of data.sources")
+            elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+                    math.isfinite(weight) and weight >= 0):
+                problems.append(f"{where}.{name}: weight must be a number >= 0, got {shown(weight)}")
+        if not any(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                   for w in knot[1].values()):
+            problems.append(f"{where}: every weight is 0 (or missing); give at least one source a weight > 0")
+    if len(problems) > before or schedule is None:
+        return None
+    knots = tuple(Knot(k.step, k.written, {str(n): float(w) for n, w in k.value.items()})  # type: ignore[union-attr]
+                  for k in schedule.knots)
+    return Schedule(schedule.key, knots, schedule.between)
+
+
+def check_data_schedule(cfg: RunConfig) -> list[str]:
+    """data.schedule's problems (knot syntax, source names, weights), one line each."""
+    problems: list[str] = []
+    _data_schedule(cfg, problems)
+    return problems
 
 
 def check_objectives(cfg: RunConfig) -> list[str]:
@@ -336,7 +419,7 @@ def check_objectives(cfg: RunConfig) -> list[str]:
 
     problems: list[str] = []
     o = cfg.objectives
-    run = build(cfg, problems)
+    run = build(cfg, problems, data=False)
     if run is None:
         return problems
     try:

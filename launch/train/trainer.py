@@ -131,10 +131,11 @@ class Trainer:
         sources = [(k, float(v)) for k, v in d.sources.items()] or [(d.path, 1.0)]
         self.read = {"read_stall_s": d.read_stall_s, "read_timeout_s": d.read_timeout_s, "cache_dir": d.cache_dir,
                      "cache_max_bytes": int(d.cache_max_gb * 2**30)}
+        knots, between = build_schedules(cfg).data_knots(t.micro_batch_size * t.grad_accum * self.world)
         self.stream = build_loader(sources, seq_len=d.seq_len, batch_size=t.micro_batch_size, rank=self.rank,
                                    world_size=self.world, seed=t.seed, num_workers=d.num_workers,
                                    on_bad_data=d.on_bad_data, shuffle_window_shards=d.shuffle_window_shards,
-                                   **self.read)
+                                   schedule=knots, schedule_between=between, **self.read)
         if self.stream.manifest.tokenizer_sha256 != self.manifest.tokenizer_sha256:
             raise ConfigError([f"data.sources were prepared with another tokenizer than data.path ({d.path}); "
                                f"prepare every source with `launch.prepare --tokenizer {pre.tokenizer_dir}/spm.model`"])
