@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data.loader import BadDataError, Loader, LoaderConfig, build_loader
-from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_order, shard_documents
+from tests.data_helpers import dataset_dir, framed, random_docs, reading_order, shard_documents
 
 SEQ, BATCH = 40, 2
 

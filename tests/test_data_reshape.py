@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data.loader import Loader, LoaderConfig
-from tests.test_data_helpers import framed, reading_order, shard_documents
+from tests.data_helpers import framed, reading_order, shard_documents
 
 SEQ, BATCH, SEED = 40, 2, 5
 
