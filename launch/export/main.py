@@ -20,7 +20,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,9 @@ from launch.train.checkpoint_read import (
     read_run_info,
     training_precision,
 )
+
+if TYPE_CHECKING:
+    from model.config import EncoderConfig
 
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 """Bound on |export - cloze| of hidden states, per dtype of the export (the issue's acceptance bounds)."""
@@ -120,6 +123,20 @@ def write_weights(lazy: dict[str, Any], out: Path, with_head: bool, dtype: torch
     return names
 
 
+def write_hf_model(weights: dict[str, Any], cfg: EncoderConfig, out: Path, with_head: bool = False,
+                   dtype: torch.dtype = torch.float32, max_shard: int | None = None) -> list[str]:
+    """The model part of a Hugging Face folder: config.json and the safetensors weights (write_weights) of an
+    EncoderForPretraining state dict, whose values may be tensors or lazy_state_dict's entries. Returns the weight
+    files' names."""
+    from model.hf import hf_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_weights(weights, out, with_head, dtype, parse_size(DEFAULT_MAX_SHARD) if max_shard is None
+                          else max_shard)
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, with_head, dtype), indent=2) + "\n")
+    return files
+
+
 def write_tokenizer(src: Path, out: Path, model_max_length: int) -> None:
     """Copy the checkpoint's `tokenizers` conversion of its SentencePiece model (TOKENIZER_FILES), or rebuild it
     from src/spm.model when a checkpoint lacks any of them. spm.model itself stays out of the export."""
@@ -150,7 +167,6 @@ def write_sentence_transformers(out: Path, hidden_size: int, max_seq_length: int
 def write_export(checkpoint: str | Path, out: Path, with_head: bool, dtype: str, max_shard: int) -> dict:
     """Write the whole export into `out` (an empty or new folder); return what the model card needs."""
     from model.config import EncoderConfig
-    from model.hf import hf_config
 
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
     info = read_run_info(ckpt_dir, tag)
@@ -167,11 +183,8 @@ def write_export(checkpoint: str | Path, out: Path, with_head: bool, dtype: str,
                          f"{cfg.vocab_size}: the tokenizer belongs to another run")
     lazy = lazy_state_dict(ckpt_dir, tag, int(info["zero_stage"]), cfg)
     check_shapes(lazy, cfg, ckpt_dir / tag)
-    out.mkdir(parents=True, exist_ok=True)
-    files = write_weights(lazy, out, with_head, DTYPES[dtype], max_shard)
+    files = write_hf_model(lazy, cfg, out, with_head, DTYPES[dtype], max_shard)
     del lazy
-    config = hf_config(cfg, with_head, DTYPES[dtype])
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     seq_len = int(info.get("config", {}).get("data", {}).get("seq_len", cfg.max_position_embeddings))
     write_tokenizer(ckpt_dir / tag / "tokenizer", out, model_max_length=cfg.max_position_embeddings)
     if not with_head:
