@@ -212,7 +212,6 @@ class Trainer:
         t = self.cfg.train
         head_loss = self._head_loss()
         model = EncoderForPretraining(self.enc_cfg, attn_backend=t.attention_backend, head_loss=head_loss)
-        model.init_weights()
         if pre.init_from:  # the same folder on every rank, before DeepSpeed partitions the weights
             from launch.train.init_from import initialise
 
