@@ -1,12 +1,12 @@
 """The encoder, its MLM pretraining head, init, and the Hugging Face (ModernBERT) export mapping. Imports torch
-only (hf.py also uses safetensors to write the export, and transformers' ModernBertConfig inside its config
-functions)."""
+only (hf.py uses transformers' ModernBertConfig inside its config functions; the export's writer is
+launch/export/main.py). Nothing here imports distributed code."""
 
 from .attention import ATTENTION_KINDS, AttentionMask, build_attention_mask
 from .config import EncoderConfig
 from .encoder import Encoder
 from .heads import IGNORE_INDEX, EncoderForPretraining, MLMHead, PretrainOutput
-from .hf import encoder_config_from_hf, from_hf_state_dict, hf_config, save_hf_model, to_hf_state_dict
+from .hf import encoder_config_from_hf, from_hf_state_dict, hf_config, to_hf_state_dict
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -21,6 +21,5 @@ __all__ = [
     "encoder_config_from_hf",
     "from_hf_state_dict",
     "hf_config",
-    "save_hf_model",
     "to_hf_state_dict",
 ]

@@ -51,7 +51,7 @@ class EncoderConfig:
     norm_eps: float = 1e-5
     """Epsilon of every LayerNorm."""
     init_std: float = 0.02
-    """Base standard deviation of the truncated-normal weight init (see EncoderForPretraining.init_weights)."""
+    """Base standard deviation of the truncated-normal weight init (see Encoder.init_weights)."""
     pad_token_id: int = 0
     """[PAD] id (embedding padding_idx, recorded in the HF config)."""
     cls_token_id: int = 2

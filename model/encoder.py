@@ -34,6 +34,11 @@ def layer_norm(cfg: EncoderConfig) -> nn.LayerNorm:
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=False)
 
 
+def out_std(cfg: EncoderConfig) -> float:
+    """The init std of the layers that write into the residual stream: init_std / sqrt(2 * num_layers)."""
+    return cfg.init_std / (2.0 * cfg.num_layers) ** 0.5
+
+
 def trunc_normal_(weight: torch.Tensor, std: float) -> None:
     """Truncated normal at +-2 std (ModernBERT's cutoff factor 2). Note: `std` is the parameter of the
     untruncated normal; the truncation shrinks the realised std by a factor of about 0.880."""
@@ -123,16 +128,27 @@ class Encoder(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Truncated normal (cutoff +-2 std): embedding, Wqkv, Wi at init_std; attention Wo and MLP Wo at
-        init_std / sqrt(2 * num_layers); LayerNorm weights 1. See EncoderForPretraining.init_weights for why."""
+        """ModernBERT's scheme, every weight a normal truncated at +-2 std (std below is the parameter of the
+        untruncated normal; the realised std is about 0.880 x that):
+
+        - token embedding (= the MLM head's tied decoder weight), Wqkv, MLP Wi: init_std (0.02 by default)
+        - attention Wo, MLP Wo (and the MLM head's dense, MLMHead.init_weights): out_std(cfg)
+        - LayerNorm weights: 1 (the head's decoder bias: 0)
+
+        Out-projections are scaled because each of the 2 * num_layers residual branches adds its output to the
+        stream; shrinking them by sqrt(2 * num_layers) keeps the residual variance at init independent of depth
+        (the GPT-2 / Megatron argument). The head dense uses the same scale as ModernBERT does.
+        Variant from HF's from-scratch init: HF re-initialises the tied decoder last, at the out std, which
+        silently rescales the embedding; cloze keeps the embedding's own init_std for the tied matrix.
+
+        The constructor calls it (once: nothing else initialises the encoder's weights)."""
         cfg = self.cfg
-        out_std = cfg.init_std / (2.0 * cfg.num_layers) ** 0.5
         trunc_normal_(self.embeddings.tok_embeddings.weight, cfg.init_std)
         for layer in self.layers:
             trunc_normal_(layer.attn.Wqkv.weight, cfg.init_std)
-            trunc_normal_(layer.attn.Wo.weight, out_std)
+            trunc_normal_(layer.attn.Wo.weight, out_std(cfg))
             trunc_normal_(layer.mlp.Wi.weight, cfg.init_std)
-            trunc_normal_(layer.mlp.Wo.weight, out_std)
+            trunc_normal_(layer.mlp.Wo.weight, out_std(cfg))
         for module in self.modules():
             if isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)

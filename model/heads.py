@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EncoderConfig
-from .encoder import Encoder, layer_norm, trunc_normal_
+from .encoder import Encoder, layer_norm, out_std, trunc_normal_
 from .head_loss import HEAD_LOSSES, IGNORE_INDEX, fused_linear_cross_entropy
 
 
@@ -28,6 +28,14 @@ class MLMHead(nn.Module):
         self.norm = layer_norm(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=True)
         self.decoder.weight = embedding.weight
+        self.init_weights(cfg)
+
+    def init_weights(self, cfg: EncoderConfig) -> None:
+        """The head's share of Encoder.init_weights' scheme: dense at out_std, LayerNorm 1, decoder bias 0. The
+        decoder weight is the embedding's, initialised by the encoder."""
+        trunc_normal_(self.dense.weight, out_std(cfg))
+        nn.init.ones_(self.norm.weight)
+        nn.init.zeros_(self.decoder.bias)
 
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
         """Everything before the decoder: dense -> GELU -> LayerNorm."""
@@ -67,26 +75,6 @@ class EncoderForPretraining(nn.Module):
         self.encoder = Encoder(cfg, attn_backend=attn_backend)
         self.head = MLMHead(cfg, self.encoder.embeddings.tok_embeddings)
         self.set_head_loss(head_loss)
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        """ModernBERT's scheme, every weight a normal truncated at +-2 std (std below is the parameter of the
-        untruncated normal; the realised std is about 0.880 x that):
-
-        - token embedding (= tied decoder weight), Wqkv, MLP Wi: init_std (0.02 by default)
-        - attention Wo, MLP Wo, head dense: init_std / sqrt(2 * num_layers)
-        - LayerNorm weights: 1; decoder bias: 0
-
-        Out-projections are scaled because each of the 2 * num_layers residual branches adds its output to the
-        stream; shrinking them by sqrt(2 * num_layers) keeps the residual variance at init independent of depth
-        (the GPT-2 / Megatron argument). The head dense uses the same scale as ModernBERT does.
-        Variant from HF's from-scratch init: HF re-initialises the tied decoder last, at the out std, which
-        silently rescales the embedding; cloze keeps the embedding's own init_std for the tied matrix.
-        """
-        self.encoder.init_weights()
-        trunc_normal_(self.head.dense.weight, self.cfg.init_std / (2.0 * self.cfg.num_layers) ** 0.5)
-        nn.init.ones_(self.head.norm.weight)
-        nn.init.zeros_(self.head.decoder.bias)
 
     @property
     def attn_backend(self) -> str:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from .config import EncoderConfig
 
@@ -284,32 +282,6 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], with_head: bool) -> dict[str
         if embedding is None:
             raise ValueError(f"Hugging Face state dict lacks model.{_EMBEDDING}")
         out[_TIED_DECODER] = embedding
-    return out
-
-
-def save_hf_model(
-    sd: dict[str, torch.Tensor],
-    cfg: EncoderConfig,
-    out_dir: str | Path,
-    with_head: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write out_dir/config.json and out_dir/model.safetensors from an EncoderForPretraining state dict.
-
-    Floating tensors are cast to dtype; every tensor is cloned contiguous on CPU so no two share storage
-    (safetensors refuses shared storage, and a view of a larger ZeRO buffer would otherwise save the whole buffer).
-    """
-    if not dtype.is_floating_point:
-        raise ValueError(f"save_hf_model: dtype={dtype} must be a floating type (float32, bfloat16, float16)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        name: (t.to(dtype) if t.is_floating_point() else t).detach().to("cpu").contiguous().clone()
-        for name, t in to_hf_state_dict(sd, with_head).items()
-    }
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = hf_config(cfg, with_head, dtype)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_data_helpers import web_and_code
+from tests.data_helpers import web_and_code
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def web_and_code_sources(tmp_path_factory):
-    """The two mixing sources of tests/test_data_helpers.web_and_code, written once per test module (module scope,
+    """The two mixing sources of tests/data_helpers.web_and_code, written once per test module (module scope,
     so a module that damages its shards cannot reach another's)."""
     return web_and_code(tmp_path_factory.mktemp("web_and_code"))
 

@@ -19,7 +19,7 @@ import torch
 
 from data.cache import ShardCache
 from data.loader import BadDataError, build_loader
-from tests.test_data_helpers import dataset_dir, random_docs
+from tests.data_helpers import dataset_dir, random_docs
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="http(s) sources are read with curl")
 SEQ, BATCH = 32, 2

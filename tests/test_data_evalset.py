@@ -15,7 +15,7 @@ import torch
 
 from data.evalset import eval_share, share_indices
 from tests.conftest import run_cli
-from tests.test_data_helpers import dataset_dir, random_docs
+from tests.data_helpers import dataset_dir, random_docs
 
 SEQ, BATCH = 32, 2
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from data.hf_tokenizer import HF_FILES, write_hf_tokenizer
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer
-from tests.test_data_helpers import synthetic_corpus, trained_model
+from tests.data_helpers import synthetic_corpus, trained_model
 
 transformers = pytest.importorskip("transformers")
 

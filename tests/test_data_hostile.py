@@ -16,7 +16,7 @@ import webdataset
 
 from data.loader import BadDataError, Loader, LoaderConfig
 from data.order import SourceOrder
-from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_order
+from tests.data_helpers import dataset_dir, framed, random_docs, reading_order
 
 SEQ = 16
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from data.loader import BadDataError, Loader, LoaderConfig, build_loader
-from tests.test_data_helpers import dataset_dir, random_docs
+from tests.data_helpers import dataset_dir, random_docs
 
 SEQ, BATCH = 40, 2
 

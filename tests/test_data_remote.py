@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data.loader import BadDataError, Loader, LoaderConfig
-from tests.test_data_helpers import dataset_dir, random_docs
+from tests.data_helpers import dataset_dir, random_docs
 
 SEQ, BATCH = 32, 2
 

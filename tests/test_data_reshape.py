@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data.loader import Loader, LoaderConfig
-from tests.test_data_helpers import shard_documents
+from tests.data_helpers import shard_documents
 
 SEQ, SEED = 40, 5
 

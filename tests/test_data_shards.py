@@ -11,7 +11,7 @@ import pytest
 
 from data.manifest import load_manifest
 from data.shards import ShardWriter, archive_bytes, id_bytes, member_bytes, remove_stale_shards
-from tests.test_data_helpers import dataset_dir, random_docs
+from tests.data_helpers import dataset_dir, random_docs
 
 
 def _write(out, docs, dtype="uint16", **kw):

@@ -11,7 +11,7 @@ import torch
 
 from data.loader import Loader, LoaderConfig
 from data.stream import PackedStream
-from tests.test_data_helpers import dataset_dir, framed, random_docs, reading_order, shard_documents
+from tests.data_helpers import dataset_dir, framed, random_docs, reading_order, shard_documents
 
 SEQ, BATCH = 48, 3
 

@@ -20,7 +20,7 @@ from data.tokenizer import (
     segment,
     train_tokenizer,
 )
-from tests.test_data_helpers import TEST_VOCAB, synthetic_corpus, trained_model
+from tests.data_helpers import TEST_VOCAB, synthetic_corpus, trained_model
 
 # Any Unicode text except lone surrogates (not encodable as UTF-8, so not valid corpus text).
 ANY_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300)

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.train.checkpoint import FAULT_POINTS, partial_tags, read_latest
+from launch.train.checkpoint import partial_tags, read_latest
+from launch.train.faults import FAULT_POINTS
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.distributed
@@ -32,7 +33,7 @@ def common(data: Path, out: Path) -> list[str]:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    from launch.export.main import consolidate
+    from launch.train.checkpoint_read import consolidate
 
     ckpts = out / "checkpoints"
     tag = read_latest(ckpts)

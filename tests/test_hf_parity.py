@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForMaskedLM
 
-from model import EncoderConfig, EncoderForPretraining, from_hf_state_dict, save_hf_model, to_hf_state_dict
+from launch.export.main import write_hf_model
+from model import EncoderConfig, EncoderForPretraining, from_hf_state_dict, to_hf_state_dict
 
 # Both ops run in fp32 with the same operation order (observed differences are ~1e-7); 1e-4 leaves room for a
 # different BLAS blocking while still catching any wrong weight, theta, eps or activation (those move outputs by
@@ -70,7 +71,7 @@ def _no_key_problems(info: dict) -> None:
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_encoder_hidden_states_match(cloze, input_ids, tmp_path, impl):
-    save_hf_model(cloze.state_dict(), cloze.cfg, tmp_path, with_head=False)
+    write_hf_model(cloze.state_dict(), cloze.cfg, tmp_path, with_head=False)
     hf, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True, attn_implementation=impl)
     _no_key_problems(info)
     assert type(hf).__name__ == "ModernBertModel"
@@ -84,7 +85,7 @@ def test_encoder_hidden_states_match(cloze, input_ids, tmp_path, impl):
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_masked_lm_logits_match(cloze, input_ids, tmp_path, impl):
-    save_hf_model(cloze.state_dict(), cloze.cfg, tmp_path, with_head=True)
+    write_hf_model(cloze.state_dict(), cloze.cfg, tmp_path, with_head=True)
     hf, info = AutoModelForMaskedLM.from_pretrained(tmp_path, output_loading_info=True, attn_implementation=impl)
     _no_key_problems(info)
     assert hf.decoder.weight.data_ptr() == hf.model.embeddings.tok_embeddings.weight.data_ptr(), "decoder not tied"
@@ -96,7 +97,7 @@ def test_masked_lm_logits_match(cloze, input_ids, tmp_path, impl):
 
 
 def test_export_drops_head_and_writes_config(cloze, tmp_path):
-    save_hf_model(cloze.state_dict(), cloze.cfg, tmp_path, with_head=False, dtype=torch.bfloat16)
+    write_hf_model(cloze.state_dict(), cloze.cfg, tmp_path, with_head=False, dtype=torch.bfloat16)
     tensors = load_file(tmp_path / "model.safetensors")
     assert not any(k.startswith(("head", "decoder", "model.")) for k in tensors)
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
@@ -151,7 +152,7 @@ def long_ids() -> torch.Tensor:
 def test_local_layers_match_modernbert(cloze_local, long_ids, tmp_path, impl):
     """transformers applies the window through its own mask (|q - k| <= local_attention // 2 on sliding_attention
     layers, each kind with its own theta); cloze must compute the same numbers, on both of its backends."""
-    save_hf_model(cloze_local.state_dict(), cloze_local.cfg, tmp_path, with_head=False)
+    write_hf_model(cloze_local.state_dict(), cloze_local.cfg, tmp_path, with_head=False)
     hf, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True, attn_implementation=impl)
     _no_key_problems(info)
     assert hf.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention", "full_attention",
@@ -171,7 +172,7 @@ def test_local_layers_match_modernbert(cloze_local, long_ids, tmp_path, impl):
 def test_local_layers_match_modernbert_on_padded_rows(cloze_local, long_ids, tmp_path, impl):
     """HF has no packed documents: a row is one document, padded at the end (attention_mask 0). cloze expresses a
     pad the only way it masks one, as a document of its own after the real tokens; the real positions agree."""
-    save_hf_model(cloze_local.state_dict(), cloze_local.cfg, tmp_path, with_head=False)
+    write_hf_model(cloze_local.state_dict(), cloze_local.cfg, tmp_path, with_head=False)
     hf = AutoModel.from_pretrained(tmp_path, attn_implementation=impl)
     lengths = torch.tensor([LONG, 77])
     real = torch.arange(LONG)[None, :] < lengths[:, None]
@@ -188,7 +189,7 @@ def test_local_layers_match_modernbert_on_padded_rows(cloze_local, long_ids, tmp
 def test_local_parity_fails_on_an_off_by_one_window(cloze_local, long_ids, tmp_path):
     """A window one token wider each side (18 for 16) or swapped thetas move the states far past ATOL, so the
     parity above checks the window rule and the thetas, not just the weights."""
-    save_hf_model(cloze_local.state_dict(), cloze_local.cfg, tmp_path, with_head=False)
+    write_hf_model(cloze_local.state_dict(), cloze_local.cfg, tmp_path, with_head=False)
     theirs = _hidden_states(AutoModel.from_pretrained(tmp_path, attn_implementation="sdpa"), long_ids)
     for wrong in (_local_cfg(local_attention=18), _local_cfg(global_rope_theta=50.0, local_rope_theta=1000.0)):
         twin = EncoderForPretraining(wrong).eval()
@@ -198,7 +199,7 @@ def test_local_parity_fails_on_an_off_by_one_window(cloze_local, long_ids, tmp_p
 
 
 def test_local_masked_lm_logits_match(cloze_local, long_ids, tmp_path):
-    save_hf_model(cloze_local.state_dict(), cloze_local.cfg, tmp_path, with_head=True)
+    write_hf_model(cloze_local.state_dict(), cloze_local.cfg, tmp_path, with_head=True)
     hf, info = AutoModelForMaskedLM.from_pretrained(tmp_path, output_loading_info=True, attn_implementation="sdpa")
     _no_key_problems(info)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from data.manifest import load_manifest
 from data.stream import PackedStream
 from data.tokenizer import Tokenizer
 from launch.prepare import main
-from tests.test_data_helpers import synthetic_corpus, trained_model, write_text_files
+from tests.data_helpers import synthetic_corpus, trained_model, write_text_files
 
 ROOT = Path(__file__).resolve().parents[1]
 

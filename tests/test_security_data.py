@@ -26,7 +26,7 @@ from data.location import MAX_META_BYTES, FetchLimits, Location
 from data.manifest import load_manifest
 from launch.config import load_config
 from tests.conftest import run_cli
-from tests.test_data_helpers import dataset_dir, random_docs
+from tests.data_helpers import dataset_dir, random_docs
 from tests.test_data_hostile import rewrite_shard, rows_for
 
 SEQ = 16

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_cli
-from tests.test_data_helpers import dataset_dir, random_docs
+from tests.data_helpers import dataset_dir, random_docs
 from tests.test_security import Payload
 
 pytestmark = pytest.mark.distributed

@@ -1,33 +1,39 @@
 """`python -m launch.export --checkpoint RUN_OR_CHECKPOINT_DIR --out DIR`: the encoder as a Hugging Face folder.
 
-Checkpoints of ZeRO stages 0-3 are consolidated to fp32 with DeepSpeed's own utility (stage 0 has no ZeRO
-partitions: its weights sit whole in the model-states file) one tensor at a time, the prediction head is dropped
-(unless --with-head), and the folder gets config.json (transformers' ModernBERT), safetensors weights (sharded above
---max-shard-size), the tokenizer files, sentence-transformers' mean-pooling config, training_config.json, a model
-card with loss curves and cloze_export.json (the marker by which a later --overwrite recognises the folder). Unless
---no-verify, the folder is then loaded with stock `transformers` and compared with cloze's own model on the same
-weights. Everything is written to a temporary folder beside --out and renamed into place only when complete, so a
-failed export leaves nothing at --out. --out may not be, contain or lie inside the checkpoint's run directory, and
---overwrite replaces only an earlier export, never another folder.
+A thin CLI around the Hugging Face folder writer. The checkpoint is read by launch/train/checkpoint_read.py (ZeRO
+stages 0-3 consolidated to fp32 one tensor at a time, every file through the restricted unpickler); the prediction
+head is dropped (unless --with-head), and the folder gets config.json (transformers' ModernBERT), safetensors
+weights (sharded above --max-shard-size), the tokenizer files, sentence-transformers' mean-pooling config,
+training_config.json, a model card with loss curves and cloze_export.json (the marker by which a later --overwrite
+recognises the folder). Unless --no-verify, the folder is then loaded with stock `transformers` and compared with
+cloze's own model on the same weights. Everything is written to a temporary folder beside --out and renamed into
+place only when complete, so a failed export leaves nothing at --out. --out may not be, contain or lie inside the
+checkpoint's run directory, and --overwrite replaces only an earlier export, never another folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from launch.train.checkpoint import TAG_RE, load_run_info, resolve_checkpoint
-from launch.train.dist import env_var
+from launch.train.checkpoint import resolve_checkpoint
+from launch.train.checkpoint_read import (
+    check_checkpoint,
+    check_shapes,
+    consolidate,
+    lazy_state_dict,
+    materialise,
+    read_run_info,
+    training_precision,
+)
 
 if TYPE_CHECKING:
     from model.config import EncoderConfig
@@ -59,163 +65,6 @@ VERIFY_TEXTS = [
 and runs of spaces, the empty string, and words longer than SentencePiece's 1024-character segment."""
 
 
-# -- reading a checkpoint ----------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def restricted_torch_load() -> Iterator[None]:
-    """Make every torch.load inside (DeepSpeed's included, which asks for weights_only=False) use torch's restricted
-    unpickler, admitting only the three plain DeepSpeed types its optimizer files hold. Reading a checkpoint then
-    cannot run code, whoever wrote it. DeepSpeed's progress prints go to stderr so stdout stays clean."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with env_var("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1"), \
-            torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]), \
-            contextlib.redirect_stdout(sys.stderr):
-        yield
-
-
-def expected_files(zero_stage: int, world_size: int) -> list[str]:
-    """Glob patterns of the DeepSpeed files a complete checkpoint of this stage and world holds, one per shard."""
-    optim = [f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]  # "bf16_" prefix or none
-    if zero_stage == 0:
-        return ["mp_rank_00_model_states.pt"]
-    if zero_stage in (1, 2):
-        return ["mp_rank_00_model_states.pt", *optim]
-    return [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)] + optim
-
-
-def _load_pt(path: Path) -> Any:
-    """A DeepSpeed file through the restricted unpickler, memory-mapped (tensors are read when used)."""
-    try:
-        with restricted_torch_load():
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
-        text = str(e).strip()
-        reason = text.splitlines()[0].split(". ")[0][:200] if text else type(e).__name__
-        raise ValueError(f"checkpoint file {path} is corrupt or unreadable ({reason}); export an earlier "
-                         f"checkpoint or re-save this one") from None
-
-
-def read_run_info(ckpt_dir: Path, tag: str) -> dict:
-    """run.json, with a damaged file named in the error."""
-    try:
-        info = load_run_info(ckpt_dir, tag)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{ckpt_dir / tag / 'run.json'} is corrupt (not JSON: {e}); export an earlier "
-                         "checkpoint") from None
-    if not isinstance(info, dict):
-        raise ValueError(f"{ckpt_dir / tag / 'run.json'} is corrupt (not a JSON object); export an earlier checkpoint")
-    return info
-
-
-def check_checkpoint(ckpt_dir: Path, tag: str, info: dict) -> None:
-    """Every rank's shard present and readable; otherwise one error naming each missing or damaged file."""
-    tag_dir = ckpt_dir / tag
-    stage, world = int(info.get("zero_stage", -1)), int(info.get("world_size", 0))
-    if stage not in (0, 1, 2, 3) or world < 1:
-        raise ValueError(f"{tag_dir / 'run.json'}: zero_stage={info.get('zero_stage')!r} and "
-                         f"world_size={info.get('world_size')!r} must be 0-3 and >= 1; is it a cloze checkpoint?")
-    missing, found = [], []
-    for pattern in expected_files(stage, world):
-        hits = sorted(tag_dir.glob(pattern))
-        if hits:
-            found.extend(hits)
-        else:
-            missing.append(pattern.lstrip("*"))
-    if not (tag_dir / "tokenizer" / "spm.model").is_file():
-        missing.append("tokenizer/spm.model")
-    if missing:
-        others = sorted(d.name for d in ckpt_dir.iterdir() if TAG_RE.match(d.name) and d.name != tag)
-        hint = f"; export an earlier one ({', '.join(others)})" if others else ""
-        raise ValueError(f"checkpoint {tag_dir} is incomplete (ZeRO stage {stage}, {world} ranks): missing "
-                         f"{', '.join(missing)}; was the save interrupted?{hint}")
-    for f in found:
-        _load_pt(f)  # names the damaged file; mmap makes this cheap for large shards
-
-
-def _stage0_master(state: dict, cfg: EncoderConfig) -> dict[str, torch.Tensor] | None:
-    """fp32 master weights of a stage-0 bf16 run: DeepSpeed's bf16 wrapper keeps them in optimizer.fp32_groups,
-    in the order of cloze's optimizer param groups (launch/train/optim.py). None when the module is already fp32."""
-    from launch.train.optim import param_groups
-    from model.heads import EncoderForPretraining
-
-    groups = (state.get("optimizer") or {}).get("fp32_groups")
-    if not groups:
-        return None
-    with torch.device("meta"):
-        model = EncoderForPretraining(cfg)
-    names = {}
-    for name, p in model.named_parameters(remove_duplicate=True):
-        names.setdefault(id(p), name)
-    ordered = [[names[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
-    if [len(g) for g in ordered] != [len(g) for g in groups]:
-        raise ValueError(f"stage-0 checkpoint holds {[len(g) for g in groups]} fp32 master tensors per param "
-                         f"group, a model of run.json's shape has {[len(g) for g in ordered]}: another model shape")
-    return {n: t for ns, ts in zip(ordered, groups) for n, t in zip(ns, ts)}
-
-
-def lazy_state_dict(ckpt_dir: Path, tag: str, zero_stage: int, cfg: EncoderConfig | None = None) -> dict[str, Any]:
-    """EncoderForPretraining keys -> fp32 tensors or DeepSpeed's lazy GatheredTensor (`.contiguous()` gives the
-    tensor). Nothing is materialised: stage-0 and ZeRO-1/2 tensors are views of memory-mapped files (DeepSpeed
-    concatenates ZeRO-1/2 partitions into one fp32 vector per param group), ZeRO-3 parameters are gathered on use."""
-    if zero_stage == 0:
-        state = _load_pt(ckpt_dir / tag / "mp_rank_00_model_states.pt")
-        module = dict(state["module"])
-        master = _stage0_master(state, cfg) if cfg is not None else None
-        if master:
-            module.update(master)
-            module["head.decoder.weight"] = module["encoder.embeddings.tok_embeddings.weight"]  # tied
-        return module
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    try:
-        with restricted_torch_load():
-            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, lazy_mode=True))
-    except (RuntimeError, ValueError, KeyError, IndexError) as e:
-        raise ValueError(f"DeepSpeed could not consolidate {ckpt_dir / tag}: {str(e).splitlines()[0][:300]}") from None
-
-
-def training_precision(ckpt_dir: Path, tag: str, zero_stage: int) -> str:
-    """'bf16' or 'fp32', from the DeepSpeed config saved beside the weights (run.json may say 'auto')."""
-    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt"
-    ds = _load_pt(ckpt_dir / tag / name).get("ds_config") or {}
-    return "bf16" if (ds.get("bf16") or {}).get("enabled") else "fp32"
-
-
-def check_shapes(lazy: dict[str, Any], cfg: EncoderConfig, source: Path) -> None:
-    """Keys and shapes equal those of EncoderForPretraining(cfg), or a ValueError listing the differences."""
-    from model.heads import EncoderForPretraining
-
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in EncoderForPretraining(cfg).state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in lazy.items()}
-    problems = [f"{k} is {list(got[k])}, expected {list(want[k])}" for k in want if k in got and got[k] != want[k]]
-    problems += [f"{k} missing" for k in want if k not in got]
-    problems += [f"unexpected {k}" for k in got if k not in want]
-    if problems:
-        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
-        raise ValueError(f"checkpoint {source} holds weights of another model shape than its run.json encoder "
-                         f"config (hidden {cfg.hidden_size}, {cfg.num_layers} layers, vocab {cfg.vocab_size}): "
-                         f"{shown}")
-
-
-def _materialise(t: Any) -> torch.Tensor:
-    return t.contiguous().float()
-
-
-def consolidate(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """fp32 state dict of EncoderForPretraining from a DeepSpeed checkpoint (every tensor in memory at once)."""
-    from model.config import EncoderConfig
-
-    ckpt_dir = Path(ckpt_dir)
-    cfg = EncoderConfig.from_dict(read_run_info(ckpt_dir, tag)["encoder"])
-    lazy = lazy_state_dict(ckpt_dir, tag, zero_stage, cfg)
-    done: dict[int, torch.Tensor] = {}  # tied entries are one object: materialise once, keep them one tensor
-    return {k: done.setdefault(id(v), _materialise(v)) for k, v in lazy.items()}
-
-
 # -- writing the folder ------------------------------------------------------------------------------------------
 
 def parse_size(text: str) -> int:
@@ -237,7 +86,7 @@ def hf_key_sources(lazy: dict[str, Any], with_head: bool) -> list[tuple[str, str
     tied = ("head.decoder.weight", "encoder.embeddings.tok_embeddings.weight")
     if with_head and all(k in lazy for k in tied) and stand_in[tied[0]] is not stand_in[tied[1]]:
         # stored as two tensors (not DeepSpeed's shared-param record): compare their values once
-        if torch.equal(_materialise(lazy[tied[0]]), _materialise(lazy[tied[1]])):
+        if torch.equal(materialise(lazy[tied[0]]), materialise(lazy[tied[1]])):
             stand_in[tied[0]] = stand_in[tied[1]]
     first = {id(t): k for k, t in reversed(stand_in.items())}
     return [(hf, first[id(t)]) for hf, t in to_hf_state_dict(stand_in, with_head).items()]
@@ -274,6 +123,20 @@ def write_weights(lazy: dict[str, Any], out: Path, with_head: bool, dtype: torch
     return names
 
 
+def write_hf_model(weights: dict[str, Any], cfg: EncoderConfig, out: Path, with_head: bool = False,
+                   dtype: torch.dtype = torch.float32, max_shard: int | None = None) -> list[str]:
+    """The model part of a Hugging Face folder: config.json and the safetensors weights (write_weights) of an
+    EncoderForPretraining state dict, whose values may be tensors or lazy_state_dict's entries. Returns the weight
+    files' names."""
+    from model.hf import hf_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_weights(weights, out, with_head, dtype, parse_size(DEFAULT_MAX_SHARD) if max_shard is None
+                          else max_shard)
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, with_head, dtype), indent=2) + "\n")
+    return files
+
+
 def write_tokenizer(src: Path, out: Path, model_max_length: int) -> None:
     """Copy the checkpoint's `tokenizers` conversion of its SentencePiece model (TOKENIZER_FILES), or rebuild it
     from src/spm.model when a checkpoint lacks any of them. spm.model itself stays out of the export."""
@@ -304,7 +167,6 @@ def write_sentence_transformers(out: Path, hidden_size: int, max_seq_length: int
 def write_export(checkpoint: str | Path, out: Path, with_head: bool, dtype: str, max_shard: int) -> dict:
     """Write the whole export into `out` (an empty or new folder); return what the model card needs."""
     from model.config import EncoderConfig
-    from model.hf import hf_config
 
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
     info = read_run_info(ckpt_dir, tag)
@@ -321,11 +183,8 @@ def write_export(checkpoint: str | Path, out: Path, with_head: bool, dtype: str,
                          f"{cfg.vocab_size}: the tokenizer belongs to another run")
     lazy = lazy_state_dict(ckpt_dir, tag, int(info["zero_stage"]), cfg)
     check_shapes(lazy, cfg, ckpt_dir / tag)
-    out.mkdir(parents=True, exist_ok=True)
-    files = write_weights(lazy, out, with_head, DTYPES[dtype], max_shard)
+    files = write_hf_model(lazy, cfg, out, with_head, DTYPES[dtype], max_shard)
     del lazy
-    config = hf_config(cfg, with_head, DTYPES[dtype])
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     seq_len = int(info.get("config", {}).get("data", {}).get("seq_len", cfg.max_position_embeddings))
     write_tokenizer(ckpt_dir / tag / "tokenizer", out, model_max_length=cfg.max_position_embeddings)
     if not with_head:

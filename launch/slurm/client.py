@@ -276,12 +276,3 @@ def job_info(job_id: str | int) -> JobInfo | None:
             return parse_job(job)
     return None
 
-
-def wait_for(job_id: str | int, predicate, timeout: float, poll_s: float = 0.5) -> JobInfo | None:
-    """Poll job_info until predicate(info) holds; returns the last info (check it: the predicate may not hold)."""
-    deadline = time.monotonic() + timeout
-    info = job_info(job_id)
-    while not (info is not None and predicate(info)) and time.monotonic() < deadline:
-        time.sleep(poll_s)
-        info = job_info(job_id)
-    return info

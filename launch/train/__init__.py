@@ -5,15 +5,17 @@
     dry_run.py        what --dry-run prints: shapes, batch sizes, memory per rank
     dist.py           the launcher's environment -> torch.distributed
     engine_config.py  deepspeed_config.json resolved against the config (one source of truth for batch sizes)
-    trainer.py        the loop
+    trainer.py        the loop: one step in named pieces (fetch, forward/backward, prefetch, update, after-step)
     optim.py          optimizer and LR schedule
     schedules.py      knot schedules: the objective mix and objective parameters that move during a run
     evaluate.py       held-out evaluation
     metrics.py        TensorBoard, metrics.jsonl, the progress line
-    checkpoint.py     checkpoints: layout, `latest`, run.json
+    checkpoint.py     checkpoints: layout, `latest`, writing a save
+    checkpoint_read.py  reading one: JSON state, restricted unpickling, completeness, consolidation (export too)
     resume.py         resuming on the same or another world size
     preempt.py        USR1/SIGTERM -> checkpoint -> requeue
     runlock.py        one run per out_dir
+    faults.py         fault injection for the tests (CLOZE_FAULT_*), read once at start
     init_from.py      model.init_from: start from a Hugging Face ModernBERT folder
     localrun.py       torchrun for --nproc N
 """

@@ -12,9 +12,10 @@ loss or a node crash cannot leave `latest` naming a checkpoint whose files never
 
 A tag dir newer than `latest` is the remains of an interrupted save (a kill, a full disk): resume ignores it with
 a warning; the next successful save removes it if it is incomplete, and a save of the same step replaces it.
-CLOZE_FAULT_CKPT_KILL=<point>:<step> kills rank 0 inside `save` at one of FAULT_POINTS, so tests can prove this.
+CLOZE_FAULT_CKPT_KILL=<point>:<step> kills rank 0 inside `save` (launch/train/faults.py), so tests can prove this.
 
-Our state is JSON, never pickle, so reading a checkpoint cannot run code through our files.
+Our state is JSON, never pickle, so reading a checkpoint cannot run code through our files. Reading a checkpoint
+(resume, export) is launch/train/checkpoint_read.py.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+
+from launch.train.faults import NO_FAULTS, Faults
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 
@@ -137,18 +139,6 @@ class CheckpointWriteError(ValueError):
     line and exit code 2: the fix is on the user's side (free space), and the previous checkpoint is intact."""
 
 
-FAULT_POINTS = ("after_deepspeed", "after_state", "before_latest")
-"""Where CLOZE_FAULT_CKPT_KILL=<point>:<step> SIGKILLs rank 0 inside `save` (tests of an interrupted save)."""
-
-
-def _fault(point: str, step: int) -> None:
-    spec = os.environ.get("CLOZE_FAULT_CKPT_KILL", "")
-    if spec and dist.get_rank() == 0 and spec == f"{point}:{step}":
-        print(f"[cloze] fault injection: SIGKILL rank 0 at {point} of the step-{step} checkpoint",
-              file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _write_error(e: BaseException) -> bool:
     """True for failures of the storage. torch.save reports a full disk as a RuntimeError from its C++ writer,
     worded by where the write failed: "unexpected pos" (inside a record) or "basic_ios::clear: iostream error" (at
@@ -161,8 +151,9 @@ def _write_error(e: BaseException) -> bool:
                                                                    "unexpected pos", "iostream error"))
 
 
-def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, tokenizer_dir: Path, keep: int) -> str:
-    """Collective: every rank calls it. Returns the tag."""
+def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, tokenizer_dir: Path, keep: int,
+         faults: Faults = NO_FAULTS) -> str:
+    """Collective: every rank calls it. Returns the tag. `faults` may kill rank 0 at one of its points (tests)."""
     tag = tag_for(step)
     rank = dist.get_rank()
     tag_dir = ckpt_dir / tag
@@ -172,7 +163,7 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, to
     dist.barrier()
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-        _fault("after_deepspeed", step)
+        faults.checkpoint_point("after_deepspeed", step)
         write_json_atomic(tag_dir / f"trainer_state_rank{rank}.json", rank_state)
         if rank == 0:
             write_json_atomic(tag_dir / "run.json", run_info)
@@ -180,7 +171,7 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, to
             if dst.exists():
                 shutil.rmtree(dst)
             shutil.copytree(tokenizer_dir, dst)
-        _fault("after_state", step)
+        faults.checkpoint_point("after_state", step)
         fsync_tree(tag_dir)
     except (OSError, RuntimeError) as e:
         if not _write_error(e):
@@ -198,7 +189,7 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, to
     # `latest` moves only once every rank has finished writing, so a crash mid-save leaves the previous one valid.
     dist.barrier()
     if rank == 0:
-        _fault("before_latest", step)
+        faults.checkpoint_point("before_latest", step)
         fsync_path(ckpt_dir)  # the tag directory's own entry
         tmp = ckpt_dir / "latest.tmp"
         tmp.write_text(tag)
@@ -227,17 +218,3 @@ def prune(ckpt_dir: Path, keep: int) -> None:
             if not (ckpt_dir / d.name).is_dir():
                 shutil.rmtree(d, ignore_errors=True)
 
-
-def load_rank_state(ckpt_dir: Path, tag: str, rank: int) -> dict:
-    f = ckpt_dir / tag / f"trainer_state_rank{rank}.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} missing: checkpoint {tag} was written by a smaller world "
-                                f"(resuming on a different world size is not supported yet)")
-    return json.loads(f.read_text())
-
-
-def load_run_info(ckpt_dir: Path, tag: str) -> dict:
-    f = ckpt_dir / tag / "run.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} missing: {ckpt_dir / tag} is not a complete cloze checkpoint")
-    return json.loads(f.read_text())

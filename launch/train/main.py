@@ -33,6 +33,7 @@ def check_run_dir(cfg: RunConfig, manifest: Manifest) -> None:
     """Before the ranks start: a live run holding out_dir, or a checkpoint there trained on other data, is one
     error here rather than one per rank. The ranks check both again (rank 0 takes the lock itself)."""
     from launch.train import checkpoint, runlock
+    from launch.train.checkpoint_read import load_run_info
     from launch.train.resume import check_same_data, data_identity
 
     out = Path(cfg.out_dir)
@@ -48,7 +49,7 @@ def check_run_dir(cfg: RunConfig, manifest: Manifest) -> None:
     else:
         sources = [(cfg.data.path, manifest)]
     try:
-        info = checkpoint.load_run_info(ckpt_dir, tag)
+        info = load_run_info(ckpt_dir, tag)
     except (OSError, ValueError):
         return  # a damaged checkpoint: the ranks report it, naming the file
     check_same_data(info, data_identity(manifest.tokenizer_sha256, sources), ckpt_dir / tag)

@@ -5,8 +5,9 @@ exactly (bit for bit on CPU fp32).
 
 Different world size (ZeRO 1-3): DeepSpeed cannot re-partition a ZeRO checkpoint by itself, so rank 0 converts it
 once to DeepSpeed's *universal* format (`python -m deepspeed.checkpoint.ds_to_universal`, kept in
-checkpoints/universal/<tag>) and every rank loads that with `checkpoint.load_universal`. Weights, optimizer moments
-and the step count carry over. Stage 0 checkpoints hold whole tensors and load on any world size directly.
+checkpoints/universal/<tag>) and every rank loads that, with `load_universal` switched on in the "checkpoint"
+section of DeepSpeed's config. Weights, optimizer moments and the step count carry over. Stage 0 checkpoints hold
+whole tensors and load on any world size directly.
 
 The data position of a reshaped world: the old ranks' positions belong to a shard split that no longer exists,
 so each source restarts the earliest epoch any old rank or worker had not finished, from its beginning, with the
@@ -15,10 +16,10 @@ epoch is read again (at most one epoch).
 
 Checkpoints are not trusted (DESIGN.md, "Trust boundaries"): before the conversion every `.pt` file of the tag
 directory must load under torch's restricted unpickler (tensors and the few plain DeepSpeed types of
-`launch.export.restricted_torch_load`), and the conversion itself runs under that same unpickler, so a planted
-pickle names its file and never runs. Before anything is loaded, the data the checkpoint was trained on (the
-tokenizer's sha256 and each source's shard list) must be the data of this run; other changed settings (max_steps,
-lr, cadences, ...) are printed, one line per key.
+launch/train/checkpoint_read.py's `restricted_torch_load`), and the conversion itself runs under that same
+unpickler, so a planted pickle names its file and never runs. Before anything is loaded, the data the checkpoint
+was trained on (the tokenizer's sha256 and each source's shard list) must be the data of this run; other changed
+settings (max_steps, lr, cadences, ...) are printed, one line per key.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ from typing import Any
 import torch.distributed as dist
 
 from launch.train import checkpoint
+from launch.train.checkpoint_read import (
+    check_weights_only,
+    first_line,
+    load_rank_state,
+    load_run_info,
+    restricted_torch_load,
+    tampered_message,
+)
 
 CONVERT_TAMPERED_EXIT = 3
 """Exit code of `python -m launch.train.resume` when the restricted unpickler refused a file during the conversion."""
@@ -125,41 +134,7 @@ def check_same_data(info: dict, identity: dict, where: Path) -> bool:
     return True
 
 
-# -- the checkpoint's files ----------------------------------------------------------------------------------------
-
-def tampered_message(what: Path, reason: str) -> str:
-    return (f"refusing to load checkpoint {what}: a file holds objects other than tensors and plain DeepSpeed state "
-            f"({reason[:200]}); it was not written by cloze's trainer or has been tampered with. Move it away to "
-            f"start over.")
-
-
-def check_weights_only(tag_dir: Path) -> None:
-    """Every .pt file under tag_dir loads under the restricted unpickler; ValueError naming the first one that
-    does not (a planted pickle, or a damaged file)."""
-    import zipfile
-
-    import torch
-
-    from launch.export.main import restricted_torch_load
-
-    for f in sorted(tag_dir.rglob("*.pt")):
-        try:
-            with restricted_torch_load():
-                # torch.save's zip files are memory-mapped (tensors are not read); anything else is a legacy or
-                # foreign pickle, which the restricted unpickler reads as it is
-                torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
-        except pickle.UnpicklingError as e:
-            raise ValueError(tampered_message(f, first_line(e))) from None
-        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError... for damaged files
-            raise ValueError(f"checkpoint file {f} is corrupt or unreadable ({first_line(e)}); move the checkpoint "
-                             f"away to start over, or point `latest` at an earlier one") from None
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an error, at most 200 characters (its type when it has no text)."""
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
+# -- converting for another world size ---------------------------------------------------------------------
 
 def to_universal(src: Path, dst: Path) -> None:
     """Convert one ZeRO tag directory to DeepSpeed's universal format (written aside, then renamed). The files are
@@ -189,8 +164,6 @@ def _convert_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     from deepspeed.checkpoint import ds_to_universal
 
-    from launch.export.main import restricted_torch_load
-
     sys.argv = ["ds_to_universal", "--input_folder", args.input_folder, "--output_folder", args.output_folder,
                 "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
     try:
@@ -212,7 +185,7 @@ def plan_resume(ckpt_dir: Path, world: int, rank: int, ds_config: dict, identity
     tag = checkpoint.read_latest(ckpt_dir) if ckpt_dir.is_dir() else None
     if tag is None:
         return None
-    info = checkpoint.load_run_info(ckpt_dir, tag)
+    info = load_run_info(ckpt_dir, tag)
     if identity is not None and not check_same_data(info, identity, ckpt_dir / tag) and rank == 0:
         print(f"[cloze] warning: {ckpt_dir / tag / 'run.json'} does not record the data it was trained on (an older "
               f"checkpoint); resuming without comparing it with data.path", file=sys.stderr, flush=True)
@@ -221,8 +194,8 @@ def plan_resume(ckpt_dir: Path, world: int, rank: int, ds_config: dict, identity
             print(f"[cloze] changed since {tag}: {change}", file=sys.stderr, flush=True)
     old_world = int(info["world_size"])
     if old_world == world:
-        return ResumePlan(tag, ckpt_dir, old_world, [checkpoint.load_rank_state(ckpt_dir, tag, rank)], world)
-    states = [checkpoint.load_rank_state(ckpt_dir, tag, r) for r in range(old_world)]
+        return ResumePlan(tag, ckpt_dir, old_world, [load_rank_state(ckpt_dir, tag, rank)], world)
+    states = [load_rank_state(ckpt_dir, tag, r) for r in range(old_world)]
     if int(info.get("zero_stage", 0)) == 0:
         return ResumePlan(tag, ckpt_dir, old_world, states, world)
     universal = ckpt_dir / "universal"
