@@ -9,10 +9,10 @@ checkpoints/universal/<tag>) and every rank loads that, with `load_universal` sw
 section of DeepSpeed's config. Weights, optimizer moments and the step count carry over. Stage 0 checkpoints hold
 whole tensors and load on any world size directly.
 
-The data position of a reshaped world: the old ranks' positions belong to a shard split that no longer exists,
-so each source restarts the earliest epoch any old rank or worker had not finished, from its beginning, with the
-new split (`data.loader.Loader.load_reshaped`). Nothing is skipped; what the old ranks had already read of that
-epoch is read again (at most one epoch).
+The data position of a reshaped world: the row order does not depend on the world size or the number of loader
+workers (data/rows.py), and every rank's saved position is the same global cursor, so the new ranks continue at
+the exact next global row (`data.loader.Loader.load_reshaped` checks that the old ranks agree). Nothing is
+skipped and nothing is read twice.
 
 Checkpoints are not trusted (DESIGN.md, "Trust boundaries"): before the conversion every `.pt` file of the tag
 directory must load under torch's restricted unpickler (tensors and the few plain DeepSpeed types of
