@@ -31,6 +31,24 @@ def run_cli(args: list[str], timeout: float = 300, env: dict | None = None, chec
     return proc
 
 
+
+def run_whole_and_cut(common: list[str], tmp_path: Path, stop_at: int, max_steps: int) -> tuple[list[dict], list[dict]]:
+    """Train `common` uninterrupted (out_dir whole/) and stopped at `stop_at` then resumed (out_dir cut/); returns
+    both runs' per-step records of metrics.jsonl, after checking the resumed curve has no gap and no repeat."""
+    import json
+
+    run_cli([*common, f"out_dir={tmp_path / 'whole'}"], check=True)
+    first = run_cli([*common, f"out_dir={tmp_path / 'cut'}", f"train.stop_at={stop_at}"], check=True)
+    assert f"stopped at step {stop_at}" in first.stderr
+    second = run_cli([*common, f"out_dir={tmp_path / 'cut'}"], check=True)
+    assert "resumed from" in second.stderr
+    runs = []
+    for name in ("whole", "cut"):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs.append([r for r in rows if "loss" in r])
+    assert [r["step"] for r in runs[1]] == list(range(1, max_steps + 1)), "a gap or a repeated step after resuming"
+    return runs[0], runs[1]
+
 def corpus_files() -> list[str]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     return [str(stdlib / pkg) for pkg in CORPUS_PACKAGES]

@@ -7,14 +7,9 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_whole_and_cut
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-
-def steps_of(out) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
 
 
 def test_resume_at_a_knot_is_bit_exact(tiny_data, tmp_path):
@@ -25,14 +20,7 @@ def test_resume_at_a_knot_is_bit_exact(tiny_data, tmp_path):
               "train.micro_batch_size=4", "objectives.mix={causal: 1}",
               "objectives.schedule={hold: [[50%, {mlm: 1}]]}",
               "objectives.params.mlm.rate=[[50%, 0.4], [100%, 0.1]]"]
-    run_cli([*common, f"out_dir={tmp_path / 'whole'}"], check=True)
-    first = run_cli([*common, f"out_dir={tmp_path / 'cut'}", "train.stop_at=6"], check=True)
-    assert "stopped at step 6" in first.stderr
-    second = run_cli([*common, f"out_dir={tmp_path / 'cut'}"], check=True)
-    assert "resumed from" in second.stderr
-
-    whole, cut = steps_of(tmp_path / "whole"), steps_of(tmp_path / "cut")
-    assert [r["step"] for r in cut] == list(range(1, 13)), "a gap or a repeated step in the resumed curve"
+    whole, cut = run_whole_and_cut(common, tmp_path, stop_at=6, max_steps=12)
     assert [r["loss"] for r in cut] == [r["loss"] for r in whole]  # fp32 CPU, same world: exactly equal
     assert [r["schedule"] for r in cut] == [r["schedule"] for r in whole]
     # The realised objectives follow the hold schedule: causal only before the knot, MLM only from it.

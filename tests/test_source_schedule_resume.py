@@ -9,14 +9,9 @@ import shutil
 import pytest
 
 from data.order import MixSchedule
-from tests.conftest import run_cli
+from tests.conftest import run_whole_and_cut
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-
-def steps_of(out) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
 
 
 def test_resume_at_a_source_knot_is_bit_exact(tiny_data, tmp_path):
@@ -29,14 +24,7 @@ def test_resume_at_a_source_knot_is_bit_exact(tiny_data, tmp_path):
               f"data.schedule={{hold: [[50%, {{{tiny_data}: 0.25, {books}: 0.75}}]]}}",
               "train.precision=fp32", "train.max_steps=8", "train.log_every=2", "train.micro_batch_size=4",
               "objectives.mix={mlm: 1}"]
-    run_cli([*common, f"out_dir={tmp_path / 'whole'}"], check=True)
-    first = run_cli([*common, f"out_dir={tmp_path / 'cut'}", "train.stop_at=4"], check=True)
-    assert "stopped at step 4" in first.stderr
-    second = run_cli([*common, f"out_dir={tmp_path / 'cut'}"], check=True)
-    assert "resumed from" in second.stderr
-
-    whole, cut = steps_of(tmp_path / "whole"), steps_of(tmp_path / "cut")
-    assert [r["step"] for r in cut] == list(range(1, 9)), "a gap or a repeated step in the resumed curve"
+    whole, cut = run_whole_and_cut(common, tmp_path, stop_at=4, max_steps=8)
     assert [r["loss"] for r in cut] == [r["loss"] for r in whole]  # fp32 CPU, same world: exactly equal
     assert [r["schedule"][f"data/{books}"] for r in whole] == [0.25] * 4 + [0.75] * 4
 
