@@ -188,8 +188,8 @@ def comparison(rows: list[dict]) -> str:
         out.append(f"{r['recipe']} vs {base['recipe']}: MLM loss {r['mlm_loss'] - base['mlm_loss']:+.3f}, "
                    f"MLM acc {100 * (r['mlm_accuracy'] - base['mlm_accuracy']):+.1f} points, causal loss "
                    f"{r['causal_loss'] - base['causal_loss']:+.3f}, downstream "
-                   f"{100 * (r['downstream'] - base['downstream']):+.1f} points (spread over seeds "
-                   f"{100 * max(r['downstream_std'], base['downstream_std']):.1f} std)")
+                   f"{100 * (r['downstream'] - base['downstream']):+.1f} points (std over fine-tuning seeds up "
+                   f"to {100 * max(r['downstream_std'], base['downstream_std']):.1f} points)")
     return "\n".join(out)
 
 
