@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from launch.demo import DEMO_TOKENIZER_SAMPLE, DEMO_VOCAB_SIZE
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = "launch/configs/demo.yaml"
 RECIPES = {
@@ -37,8 +39,6 @@ RECIPES = {
     "CLM then MLM": "launch/configs/clm-then-mlm.yaml",
 }
 """Row name -> the shipped recipe whose objectives section the row trains with (None: MLM alone at 15%)."""
-VOCAB_SIZE = 4000
-TOKENIZER_SAMPLE = 2000
 """The main job's tokenizer (launch.demo prepares the stdlib with these pieces and sample segments)."""
 MLM_ONLY = {"mix": {"mlm": 1}, "params": {"mlm": {"rate": 0.15}}}
 OBJECTIVE_KEYS = ("mix", "schedule", "params")
@@ -206,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="also write the rows as JSON here")
     ap.add_argument("--work", default="runs/recipes", help="runs, exports and logs (default runs/recipes)")
     ap.add_argument("--config", default=DEMO, help=f"the config every recipe starts from (default {DEMO})")
-    ap.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
-                    help=f"tokenizer pieces when preparing (default {VOCAB_SIZE}, the main job's)")
-    ap.add_argument("--tokenizer-sample", type=int, default=TOKENIZER_SAMPLE,
-                    help=f"segments the tokenizer trains on when preparing (default {TOKENIZER_SAMPLE})")
+    ap.add_argument("--vocab-size", type=int, default=DEMO_VOCAB_SIZE,
+                    help=f"tokenizer pieces when preparing (default {DEMO_VOCAB_SIZE}, the main job's)")
+    ap.add_argument("--tokenizer-sample", type=int, default=DEMO_TOKENIZER_SAMPLE,
+                    help=f"segments the tokenizer trains on when preparing (default {DEMO_TOKENIZER_SAMPLE})")
     ap.add_argument("--nproc", type=int, default=2, help="local ranks per training run (default 2)")
     ap.add_argument("--downstream-seeds", type=int, nargs="+", default=list(d.seeds),
                     help="fine-tuning seeds (default: launch.downstream's)")
