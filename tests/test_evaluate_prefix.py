@@ -63,7 +63,6 @@ def test_run_reports_prefix_loss_accuracy_and_perplexity(evaluators):
     torch.manual_seed(0)
     model = EncoderForPretraining(EncoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
                                                 intermediate_size=96))
-    model.init_weights()
     model.train()
     result = plain.run(model, torch.device("cpu"))
     assert model.training, "run() puts a training model back into training mode"
