@@ -33,7 +33,7 @@ def common(data: Path, out: Path) -> list[str]:
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    from launch.train.checkpoint_read import consolidate
+    from launch.train.checkpoint import consolidate
 
     ckpts = out / "checkpoints"
     tag = read_latest(ckpts)

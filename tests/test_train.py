@@ -100,7 +100,7 @@ def test_export_loads_in_transformers_and_matches(tiny_run, tmp_path):
     assert "verified" in proc.stderr
     from transformers import AutoModel, AutoTokenizer
 
-    from launch.train.checkpoint_read import consolidate
+    from launch.train.checkpoint import consolidate
     from model.config import EncoderConfig
     from model.heads import EncoderForPretraining
 

@@ -1,6 +1,6 @@
 """`python -m launch.export --checkpoint RUN_OR_CHECKPOINT_DIR --out DIR`: the encoder as a Hugging Face folder.
 
-A thin CLI around the Hugging Face folder writer. The checkpoint is read by launch/train/checkpoint_read.py (ZeRO
+A thin CLI around the Hugging Face folder writer. The checkpoint is read by launch/train/checkpoint.py (ZeRO
 stages 0-3 consolidated to fp32 one tensor at a time, every file through the restricted unpickler); the prediction
 head is dropped (unless --with-head), and the folder gets config.json (transformers' ModernBERT), safetensors
 weights (sharded above --max-shard-size), the tokenizer files, sentence-transformers' mean-pooling config,
@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from launch.train.checkpoint import resolve_checkpoint
-from launch.train.checkpoint_read import (
+from launch.train.checkpoint import (
     check_checkpoint,
     check_shapes,
     consolidate,
     lazy_state_dict,
     materialise,
     read_run_info,
+    resolve_checkpoint,
     training_precision,
 )
 

@@ -10,8 +10,7 @@
     schedules.py      knot schedules: the objective mix and objective parameters that move during a run
     evaluate.py       held-out evaluation
     metrics.py        TensorBoard, metrics.jsonl, the progress line
-    checkpoint.py     checkpoints: layout, `latest`, writing a save
-    checkpoint_read.py  reading one: JSON state, restricted unpickling, completeness, consolidation (export too)
+    checkpoint.py     checkpoints: layout, `latest`, writing and reading (restricted unpickling, consolidation)
     resume.py         resuming on the same or another world size
     preempt.py        USR1/SIGTERM -> checkpoint -> requeue
     runlock.py        one run per out_dir

@@ -33,7 +33,7 @@ def check_run_dir(cfg: RunConfig, manifest: Manifest) -> None:
     """Before the ranks start: a live run holding out_dir, or a checkpoint there trained on other data, is one
     error here rather than one per rank. The ranks check both again (rank 0 takes the lock itself)."""
     from launch.train import checkpoint, runlock
-    from launch.train.checkpoint_read import load_run_info
+    from launch.train.checkpoint import load_run_info
     from launch.train.resume import check_same_data, data_identity
 
     out = Path(cfg.out_dir)

@@ -16,7 +16,7 @@ skipped and nothing is read twice.
 
 Checkpoints are not trusted (DESIGN.md, "Trust boundaries"): before the conversion every `.pt` file of the tag
 directory must load under torch's restricted unpickler (tensors and the few plain DeepSpeed types of
-launch/train/checkpoint_read.py's `restricted_torch_load`), and the conversion itself runs under that same
+launch/train/checkpoint.py's `restricted_torch_load`), and the conversion itself runs under that same
 unpickler, so a planted pickle names its file and never runs. Before anything is loaded, the data the checkpoint
 was trained on (the tokenizer's sha256 and each source's shard list) must be the data of this run; other changed
 settings (max_steps, lr, cadences, ...) are printed, one line per key.
@@ -39,7 +39,7 @@ from typing import Any
 import torch.distributed as dist
 
 from launch.train import checkpoint
-from launch.train.checkpoint_read import (
+from launch.train.checkpoint import (
     check_weights_only,
     first_line,
     load_rank_state,

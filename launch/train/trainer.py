@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from launch.config import ConfigError, RunConfig, config_hash, warn
 from launch.train import checkpoint
-from launch.train.checkpoint_read import load_engine
+from launch.train.checkpoint import load_engine
 from launch.train.dist import DistEnv, env_var
 from launch.train.faults import NO_FAULTS, Faults
 from launch.train.metrics import Metrics, fmt_duration
