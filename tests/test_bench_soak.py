@@ -11,7 +11,7 @@ from tests.conftest import run_cli
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_soak_bench_kills_restarts_and_matches_the_uninterrupted_run(tiny_data):
-    proc = run_cli(["bench.soak", "--duration", "20", "--kill-after", "3", "6", "--checkpoint-every", "5",
+    proc = run_cli(["bench.soak", "--duration", "12", "--kill-after", "3", "5", "--checkpoint-every", "5",
                     "--data", str(tiny_data)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
