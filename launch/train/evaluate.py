@@ -34,11 +34,12 @@ class Evaluator:
         # fixed masks, seeded by the batch's place in the whole set (not by the rank).
         share = eval_share(path, seq_len, batch_size, batches, rank, world, seed, **read)
         self.counted = [b.counted for b in share]
-        self.sets: dict[str, list] = {name: [] for name in EVAL_OBJECTIVES}
+        objectives = {name: build_objective(name, params, mode_tokens=mode_tokens)
+                      for name, params in EVAL_OBJECTIVES.items()}
+        self.sets: dict[str, list] = {name: [] for name in objectives}
         for b in share:
-            for j, (name, params) in enumerate(EVAL_OBJECTIVES.items()):
+            for j, (name, objective) in enumerate(objectives.items()):
                 gen = step_generator(seed, 0, b.index, j)
-                objective = build_objective(name, params, mode_tokens=mode_tokens)
                 self.sets[name].append(objective(b.input_ids, b.doc_ids, gen, tok_info))
         self.rows = sum(self.counted) * batch_size
 
