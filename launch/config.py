@@ -45,6 +45,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 AttentionBackend = Literal["auto", "sdpa", "flex"]
 """The same values as model.attention.ATTENTION_BACKENDS (model/ does not import launch/)."""
 ActivationCheckpointing = Literal["none", "full", "every_n"]
+LrFollows = Literal["steps", "tokens"]
 HeadLoss = Literal["plain", "fused"]
 """The same values as model.head_loss.HEAD_LOSSES."""
 ZeroStage = Literal[0, 1, 2, 3]
@@ -264,6 +265,14 @@ class TrainConfig:
     """Rows per rank per forward pass."""
     grad_accum: int = 1
     """Micro-batches per optimizer step. Global batch = micro_batch_size x grad_accum x world size."""
+    batch_warmup: list[Any] | dict[str, Any] | None = None
+    """Batch-size warm-up: micro-batches per step as a schedule up to grad_accum, e.g. [[0, 1], [10%, 8]] (a
+    linear ramp, rounded down) or {hold: [[0, 2], [5%, 4]]} (launch/train/schedules.py). The micro-batch stays
+    micro_batch_size, so memory and compiled shapes (train.compile) never change; DeepSpeed is built for grad_accum,
+    so ZeRO's buffers and bucket sizes are those of the full batch from the first step. None: grad_accum always."""
+    lr_follows: LrFollows = "steps"
+    """'steps', or 'tokens': under batch_warmup the LR schedule (warm-up, decay) runs on the share of the run's
+    tokens seen rather than the share of steps."""
     max_steps: int = 200
     """Optimizer steps of the whole run (the LR schedule spans these)."""
     stop_at: int = 0
@@ -629,13 +638,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def validate(cfg: RunConfig) -> list[str]:
     """Every check that needs only the config and the code (not the data or the world size)."""
-    from launch.train.schedules import check_data_schedule, check_objectives  # mixes, schedules, parameters
+    from launch.train.schedules import check_data_schedule, check_schedules  # mixes, schedules, parameters
 
     if unusable := _unusable_paths(cfg):
         return unusable  # the checks below would fail on these paths with an OSError naming no key
     return [*_choice_problems(cfg), *_path_problems(cfg), *_train_count_problems(cfg.train),
             *_train_optimizer_problems(cfg.train), *_data_problems(cfg.data), *_eval_problems(cfg.eval),
-            *_model_problems(cfg), *check_objectives(cfg), *check_data_schedule(cfg)]
+            *_model_problems(cfg), *check_schedules(cfg), *check_data_schedule(cfg)]
 
 
 def _one_of(values: tuple[Any, ...]) -> str:

@@ -146,3 +146,42 @@ def test_modernbert_base_recipe_dry_run(tiny_data, tmp_path):
     assert "head on 30% of positions" in out
     assert "x seq_len 1024" in out and '"stage": 2' in out
     assert "== schedules" not in out  # nothing moves in this recipe
+
+
+def test_batch_warmup_counts_micro_batches_and_moves_the_mixer_and_lr(tmp_path):
+    cfg = config(tmp_path, "train.grad_accum=4", "train.batch_warmup=[[0, 1], [50%, 4]]", "train.lr_follows=tokens",
+                 "objectives.mix={causal: 1}", "objectives.schedule={hold: [[50%, {mlm: 1}]]}")
+    run = build(cfg)
+    # 1 micro-batch at step 0 up to 4 at step 10, rounded down: 1 1 1 1 2 2 2 3 3 3 4 ...
+    assert [run.accum_at(s) for s in range(12)] == [1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4]
+    assert run.micro_start(10) == 4 * 1 + 3 * 2 + 3 * 3 and run.micro_start(20) == 19 + 10 * 4
+    mixer = run.mixer(seed=1)
+    assert {mixer.choose(m) for m in range(run.micro_start(10))} == {"causal"}  # the knot moved to micro-step 19
+    assert {mixer.choose(m) for m in range(run.micro_start(10), run.micro_start(20))} == {"mlm"}
+    # The LR schedule reaches its end with the run's last token, not earlier: at step 10 a third of the tokens.
+    assert run.lr_progress(10) == pytest.approx(20 * 19 / 59) and run.lr_progress(20) == 20
+    assert build(config(tmp_path, "train.grad_accum=4")).micro_start(7) == 28  # no warm-up: steps x grad_accum
+
+
+def test_batch_warmup_problems(tmp_path):
+    problems = problems_of(tmp_path, "train.grad_accum=2", "train.batch_warmup=[[0, 0], [10, 4]]",
+                           "train.lr_follows=samples")
+    assert problems == [
+        "train.batch_warmup[0]: 0 micro-batches per step lies outside 1..2; train.grad_accum is the largest "
+        "accumulation (the engine is built for it): raise it or lower the knot",
+        "train.batch_warmup[1]: 4 micro-batches per step lies outside 1..2; train.grad_accum is the largest "
+        "accumulation (the engine is built for it): raise it or lower the knot",
+        "train.lr_follows: must be steps or tokens, got 'samples'",
+    ]
+
+
+def test_batch_warmup_in_the_dry_run(tiny_data, tmp_path):
+    proc = run_cli(["launch.train", "--config", "launch/configs/tiny.yaml", "--dry-run", "--nproc", "2",
+                    f"data.path={tiny_data}", f"out_dir={tmp_path}", "train.grad_accum=4",
+                    "train.micro_batch_size=2", "train.batch_warmup={hold: [[0, 1], [50%, 4]]}"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout[proc.stdout.index("== schedules"):].splitlines()
+    assert table[1].split()[-1] == "train.grad_accum"
+    assert table[2].split()[-1] == "1" and table[3].split()[-1] == "4"
+    # 10 steps of 1 micro-batch and 10 of 4, each 2 rows x 2 ranks x 64 tokens
+    assert table[4].startswith(f"batch warm-up: {(10 + 40) * 2 * 2 * 64:,} tokens in 20 steps")

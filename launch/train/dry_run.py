@@ -119,7 +119,7 @@ def describe(cfg: RunConfig, world: int, ds_config: dict, vocab_size: int, preci
         mark = "  <- this run" if stage == chosen else ""
         lines.append(f"ZeRO-{stage}: weights {gib(m['weights'])} + grads {gib(m['grads'])} + optimizer "
                      f"{gib(m['optimizer'])} + activations {gib(act)} = {gib(m['total'] + act)}{mark}")
-    lines += phase_table(cfg)
+    lines += phase_table(cfg, world)
     return "\n".join(lines)
 
 
@@ -146,13 +146,13 @@ def expected_labelled_fraction(cfg: RunConfig) -> float:
     return total / len(samples)
 
 
-def phase_table(cfg: RunConfig) -> list[str]:
+def phase_table(cfg: RunConfig, world: int = 1) -> list[str]:
     """`--dry-run`'s table of the run's phases when the objective mix or an objective parameter follows a schedule
     (launch/train/schedules.py): one row per phase, each value where the phase starts and, when it ramps, where
     it arrives. Steps are counted as the log counts them (the first step is 1)."""
     run = build_schedules(cfg)
     phases = run.phases()
-    if not run.mix_schedule and not run.moving and not run.data_schedule:
+    if not (run.mix_schedule or run.moving or run.data_schedule or run.accum):
         return []
     objectives_move = bool(run.mix_schedule or run.moving)  # else only the data mix moves: no objective columns
     keys = [k for k in phases[0][2] if objectives_move or not k.startswith("mix/")]
@@ -166,10 +166,16 @@ def phase_table(cfg: RunConfig) -> list[str]:
         cells = [f"{a + 1}-{b} ({pct(a)}-{pct(b)})"]
         for k in keys:
             moves = abs(start[k] - end[k]) > 1e-12
-            cells.append(f"{start[k]:.3f}" + (f" -> {end[k]:.3f}" if moves else ""))
+            digits = 0 if k == "train.grad_accum" else 3
+            cells.append(f"{start[k]:.{digits}f}" + (f" -> {end[k]:.{digits}f}" if moves else ""))
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     out = [f"== schedules: {len(phases)} phase(s) over {run.max_steps} steps (share: of micro-batches; data: of "
            f"rows; a -> b: ramps linearly to b where the phase ends)"]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    if run.accum:
+        t = cfg.train
+        tokens = run.micro_start(run.max_steps) * t.micro_batch_size * world * cfg.data.seq_len
+        out.append(f"batch warm-up: {tokens:,} tokens in {run.max_steps} steps (the batch line above counts every "
+                   f"step at grad_accum {t.grad_accum}); LR schedule follows {t.lr_follows}")
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -50,5 +51,10 @@ def lr_factor(step: int, t: TrainConfig) -> float:
     return 1.0 - (1.0 - floor) * progress
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig,
+                    progress: Callable[[int], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """progress: where the schedule is after s optimizer steps (default s itself; under train.batch_warmup with
+    train.lr_follows=tokens, the share of the run's tokens seen, in steps: launch/train/schedules.py)."""
+    if progress is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(progress(s), t))

@@ -27,6 +27,14 @@ Where schedules are read:
   global batch, micro x accum x world rows) and the loader picks each global row's source so that every
   source's realised share follows the scheduled weight row by row (data/order.py, MixSchedule).
 
+- `train.batch_warmup`: micro-batches per optimizer step (gradient accumulation) as a schedule, e.g.
+  [[0, 1], [10%, 8]] ramps from 1 to 8 (a value is rounded down to a whole count) and {hold: [[0, 2], [5%, 4]]}
+  steps. Values lie in 1..train.grad_accum: the engine is built for train.grad_accum (ZeRO's gradient accumulation
+  buffers and bucket sizes are those of the largest batch), and the micro-batch never changes, so memory never
+  grows and a compiled layer (train.compile) sees one shape throughout. With `train.lr_follows: tokens` the LR
+  schedule runs on the share of the run's tokens seen instead of the step count (a small early batch then moves
+  through the warm-up more slowly).
+
 Every value is a pure function of the step, so a resumed run continues the same values exactly: nothing about a
 schedule is kept in a checkpoint (the mixer's own state still records the mix knots and refuses a changed mix).
 data/ and objectives/ never import this module: the trainer evaluates the schedules and hands plain values on.
@@ -218,6 +226,36 @@ class RunSchedules:
     """data.sources: the source weights at step 0 (empty: one source)."""
     data_schedule: Schedule | None = None
     """data.schedule, or None for a fixed source mix."""
+    accum: Schedule | None = None
+    """train.batch_warmup, or None: every step accumulates grad_accum micro-batches."""
+    lr_follows: str = "steps"
+    _starts: Any = None  # micro_start of every step, built once when the accumulation moves
+
+    def accum_at(self, step: int) -> int:
+        """Micro-batches accumulated in optimizer step `step` (0-based)."""
+        if self.accum is None:
+            return self.grad_accum
+        return max(1, min(self.grad_accum, math.floor(self.accum.value_at(step))))  # type: ignore[arg-type]
+
+    def micro_start(self, step: int) -> int:
+        """Micro-batches of all the steps before `step`: the mixer's index of (step, micro 0)."""
+        if self.accum is None:
+            return step * self.grad_accum
+        if self._starts is None:
+            import numpy as np
+
+            counts = np.array([self.accum_at(s) for s in range(self.max_steps)], dtype=np.int64)
+            self._starts = np.concatenate([[0], np.cumsum(counts)])
+        if step <= self.max_steps:
+            return int(self._starts[step])
+        return int(self._starts[-1]) + (step - self.max_steps) * self.accum_at(step)
+
+    def lr_progress(self, step: int) -> float:
+        """The step the LR schedule is at after `step` optimizer steps: the step itself, or with lr_follows=tokens
+        the same share of max_steps as the share of the run's micro-batches (tokens) seen."""
+        if self.lr_follows != "tokens" or self.accum is None:
+            return float(step)
+        return self.micro_start(step) * self.max_steps / self.micro_start(self.max_steps)
 
     @property
     def names(self) -> list[str]:
@@ -250,23 +288,23 @@ class RunSchedules:
         assert isinstance(value, dict)
         return {n: value.get(n, 0.0) for n in self.data_mix}
 
-    def data_knots(self, global_rows: int) -> tuple[list[tuple[int, dict[str, float]]], str]:
-        """data.schedule for the loader: (global row, {source: weight}) knots after row 0, with `global_rows`
-        rows per optimizer step (micro x accum x world), and how the weights move between knots. No knots: the
-        data.sources weights hold."""
+    def data_knots(self, rows_per_micro: int) -> tuple[list[tuple[int, dict[str, float]]], str]:
+        """data.schedule for the loader: (global row, {source: weight}) knots after row 0, with `rows_per_micro`
+        global rows per micro-batch (micro_batch_size x world; a step has accum_at(step) of them), and how the
+        weights move between knots. No knots: the data.sources weights hold."""
         if self.data_schedule is None:
             return [], "linear"
-        return ([(k.step * global_rows, dict(k.value)) for k in self.data_schedule.knots],  # type: ignore[arg-type]
-                self.data_schedule.between)
+        return ([(self.micro_start(k.step) * rows_per_micro, dict(k.value))  # type: ignore[arg-type]
+                 for k in self.data_schedule.knots], self.data_schedule.between)
 
     def mixer(self, seed: int) -> Mixer:
-        """The mixer over micro-steps (step x grad_accum + micro): the mix knots scaled to micro-steps, so the
-        mixer's interpolation equals shares_at(step + micro / grad_accum)."""
+        """The mixer over micro-steps (micro_start(step) + micro): the mix knots moved to micro-steps, so the
+        mixer's interpolation equals shares_at(step + micro / accum_at(step))."""
         from objectives.mixer import Mixer
 
         knots = self.mix_knots()
         between = self.mix_schedule.between if self.mix_schedule else "linear"
-        return Mixer(knots[0][1], seed=seed, schedule=[(s * self.grad_accum, w) for s, w in knots[1:]],
+        return Mixer(knots[0][1], seed=seed, schedule=[(self.micro_start(s), w) for s, w in knots[1:]],
                      between=between)
 
     def objectives(self, mode_tokens: bool) -> dict[str, Objective]:
@@ -280,14 +318,14 @@ class RunSchedules:
         moving = self.moving.get(base.name)
         if not moving:
             return base
-        at = step + micro / self.grad_accum
+        at = step + micro / self.accum_at(step)
         values = {p: s.value_at(at) for p, s in moving.items()}
         return dataclasses.replace(base, config=dataclasses.replace(base.config, **values))
 
     def values_at(self, step: int) -> dict[str, float]:
         """Every scheduled value at `step`, keyed for TensorBoard: mix/<name> (the share, when the mix moves) and
         <objective>.<parameter>. Empty when nothing is scheduled."""
-        if not (self.mix_schedule or self.moving or self.data_schedule):
+        if not (self.mix_schedule or self.moving or self.data_schedule or self.accum):
             return {}
         out = self._values(step)
         return out if self.mix_schedule else {k: v for k, v in out.items() if not k.startswith("mix/")}
@@ -297,6 +335,7 @@ class RunSchedules:
         every = [k.step for k in self.mix_schedule.knots] if self.mix_schedule else []
         every += [k.step for m in self.moving.values() for s in m.values() for k in s.knots]
         every += [k.step for k in self.data_schedule.knots] if self.data_schedule else []
+        every += [k.step for k in self.accum.knots] if self.accum else []
         return sorted({0, *(s for s in every if s < self.max_steps)})
 
     def phases(self) -> list[tuple[int, int, dict[str, float], dict[str, float]]]:
@@ -313,6 +352,8 @@ class RunSchedules:
                         for p, s in moving.items()})
         if self.data_schedule:
             out.update({f"data/{n}": v for n, v in self.data_shares_at(step, before).items()})
+        if self.accum:
+            out["train.grad_accum"] = float(self.accum_at(max(0, step - 1) if before else step))
         return out
 
 
@@ -324,7 +365,7 @@ def _normalised(weights: Mapping[str, float]) -> dict[str, float]:
 def build(cfg: RunConfig, problems: list[str] | None = None, data: bool = True) -> RunSchedules | None:
     """The run's schedules. With `problems`, append one line per problem and return None when there are any;
     without, a problem raises ConfigError (the config was validated, so that is a programming error). data=False
-    leaves data.schedule out (check_objectives: check_data_schedule reports its problems)."""
+    leaves data.schedule out (check_schedules: check_data_schedule reports its problems)."""
     from launch.config import ConfigError
 
     own: list[str] = [] if problems is None else problems
@@ -354,12 +395,21 @@ def build(cfg: RunConfig, problems: list[str] | None = None, data: bool = True) 
                 moving.setdefault(name, {})[param] = schedule
                 params[name][param] = schedule.value_at(0)
     data_schedule = _data_schedule(cfg, own) if data else None
+    accum = None
+    if t.batch_warmup is not None:
+        accum = parse("train.batch_warmup", t.batch_warmup, max_steps, own)
+        for i, knot in enumerate(accum.knots if accum else ()):
+            if not 1 <= knot.value <= t.grad_accum:  # type: ignore[operator]
+                own.append(f"train.batch_warmup[{i}]: {knot.value:g} micro-batches per step lies outside 1.."
+                           f"{t.grad_accum}; train.grad_accum is the largest accumulation (the engine is built "
+                           f"for it): raise it or lower the knot")
     if len(own) > before:
         if problems is None:
             raise ConfigError(own)
         return None
     return RunSchedules(dict(o.mix), mix_schedule, params, moving, max_steps, max(1, t.grad_accum),
-                        {str(k): float(v) for k, v in cfg.data.sources.items()}, data_schedule)
+                        {str(k): float(v) for k, v in cfg.data.sources.items()}, data_schedule,
+                        accum, t.lr_follows)
 
 
 def _data_schedule(cfg: RunConfig, problems: list[str]) -> Schedule | None:
@@ -409,10 +459,10 @@ def check_data_schedule(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def check_objectives(cfg: RunConfig) -> list[str]:
-    """The objectives section's problems: the mix and its schedule, each objective's parameters, and every
-    scheduled parameter at every knot of its objective (the parameters' constraints are intervals and sums, so a
-    value valid at every knot is valid between them too)."""
+def check_schedules(cfg: RunConfig) -> list[str]:
+    """The schedules' problems (train.batch_warmup) and the objectives section's: the mix and its
+    schedule, each objective's parameters, and every scheduled parameter at every knot of its objective (the
+    parameters' constraints are intervals and sums, so a value valid at every knot is valid between them too)."""
     from launch.config import warn
     from objectives import OBJECTIVES, build_objective
     from objectives.mixer import Mixer

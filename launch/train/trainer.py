@@ -253,7 +253,7 @@ class Trainer:
 
         d, t = self.cfg.data, self.cfg.train
         sources = [(k, float(v)) for k, v in d.sources.items()] or [(d.path, 1.0)]
-        knots, between = self.schedules.data_knots(t.micro_batch_size * t.grad_accum * self.world)
+        knots, between = self.schedules.data_knots(t.micro_batch_size * self.world)
         stream = build_loader(sources, seq_len=d.seq_len, batch_size=t.micro_batch_size, rank=self.rank,
                               world_size=self.world, seed=t.seed, num_workers=d.num_workers,
                               on_bad_data=d.on_bad_data, shuffle_window_shards=d.shuffle_window_shards,
@@ -270,7 +270,8 @@ class Trainer:
         import deepspeed
 
         optimizer = build_optimizer(model, self.cfg.train)
-        scheduler = build_scheduler(optimizer, self.cfg.train)
+        t = self.cfg.train
+        scheduler = build_scheduler(optimizer, t, self.schedules.lr_progress if t.lr_follows == "tokens" else None)
         _import_deepspeed_muon_uncompiled()
         engine, _, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -429,7 +430,7 @@ class Trainer:
         from objectives.batch import IGNORE_INDEX
 
         t = self.cfg.train
-        name = self.mixer.choose(step * t.grad_accum + micro)
+        name = self.mixer.choose(self.schedules.micro_start(step) + micro)
         tw = time.perf_counter()
         rows, doc_ids = next(it)
         wait = time.perf_counter() - tw
@@ -463,19 +464,27 @@ class Trainer:
         self.metrics.micro(current.objective, value, num_labels, num_correct, current.tokens, current.wait_s, flops)
         return value
 
-    def _prefetch(self, it: Iterator, micro: int) -> MicroBatch | None:
+    def _prefetch(self, it: Iterator, micro: int, accum: int) -> MicroBatch | None:
         """The micro-batch after micro-batch `micro` of this step (None after the last step's last). The backward
         is queued on the device, not finished: reading, masking and the copy to the device run while it does.
         Across a step boundary the stream's position is remembered first: a checkpoint after this step must not
         count the prefetched batch as consumed."""
         t = self.cfg.train
-        if micro + 1 < t.grad_accum:
+        if micro + 1 < accum:
             return self._fetch(it, self.step, micro + 1)
         if self.step + 1 < t.max_steps:
             self._boundary = StreamBoundary(state=self.stream.state_dict(), consumed=len(self.stream.consumed_shards),
                                             stats=self.stream.stats())
             return self._fetch(it, self.step + 1, 0)
         return None
+
+    def _set_accumulation(self) -> int:
+        """Micro-batches in this step (train.batch_warmup); the engine's batch size follows, so its backward
+        scales each micro-batch's loss by the step's own accumulation."""
+        accum = self.schedules.accum_at(self.step)
+        if accum != self.engine.gradient_accumulation_steps():
+            self.engine.set_train_batch_size(self.cfg.train.micro_batch_size * accum * self.world)
+        return accum
 
     def _apply_update(self) -> None:
         """engine.step(): DeepSpeed applies the update at the accumulation boundary (and only counts before it)."""
@@ -493,10 +502,13 @@ class Trainer:
         losses: dict[str, float] = {}
         skipped = False
         self._boundary = None
-        for micro in range(self.cfg.train.grad_accum):
+        accum = self._set_accumulation()
+        for micro in range(accum):
+            if self.cfg.train.batch_warmup is not None:  # the engine counts micro-steps modulo its accumulation
+                self.engine.set_gradient_accumulation_boundary(micro == accum - 1)
             current = upcoming
             value = self._forward_backward(current, micro)
-            upcoming = self._prefetch(it, micro)
+            upcoming = self._prefetch(it, micro, accum)
             self._apply_update()
             self.tokens_seen += current.tokens * self.world
             if value is None:
@@ -571,6 +583,7 @@ class Trainer:
             log0(self.rank, f"nothing to do: checkpoint is at step {start} >= train.max_steps {t.max_steps}")
             return {}
         it = iter(self.stream)
+        self._tokens_at_launch = self.tokens_seen
         t0 = time.perf_counter()
         self.engine.train()
         upcoming: MicroBatch | None = self._fetch(it, self.step, 0)
@@ -588,7 +601,7 @@ class Trainer:
         t = self.cfg.train
         tag = self.save()
         wall = time.perf_counter() - t0
-        tokens_now = (self.step - start) * t.micro_batch_size * t.grad_accum * self.world * self.cfg.data.seq_len
+        tokens_now = self.tokens_seen - self._tokens_at_launch
         summary = {"steps": self.step, "steps_this_launch": self.step - start, "tokens_seen": self.tokens_seen,
                    "wall_s": round(wall, 2), "mean_tokens_per_s": round(tokens_now / max(wall, 1e-9), 1),
                    "skipped_steps": self.skipped_steps, "skipped_micro_batches": self.skipped_micro_batches,
