@@ -167,11 +167,11 @@ def test_batch_warmup_problems(tmp_path):
     problems = problems_of(tmp_path, "train.grad_accum=2", "train.batch_warmup=[[0, 0], [10, 4]]",
                            "train.lr_follows=samples")
     assert problems == [
+        "train.lr_follows: must be steps or tokens, got 'samples'",
         "train.batch_warmup[0]: 0 micro-batches per step lies outside 1..2; train.grad_accum is the largest "
         "accumulation (the engine is built for it): raise it or lower the knot",
         "train.batch_warmup[1]: 4 micro-batches per step lies outside 1..2; train.grad_accum is the largest "
         "accumulation (the engine is built for it): raise it or lower the knot",
-        "train.lr_follows: must be steps or tokens, got 'samples'",
     ]
 
 

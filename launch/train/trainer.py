@@ -598,7 +598,6 @@ class Trainer:
 
     def _finish(self, start: int, t0: float) -> dict:
         """The final checkpoint, summary.json and the run summary line."""
-        t = self.cfg.train
         tag = self.save()
         wall = time.perf_counter() - t0
         tokens_now = self.tokens_seen - self._tokens_at_launch
