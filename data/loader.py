@@ -9,7 +9,8 @@ Order. There is one global sequence of packed rows, a function of the data and t
 shards permuted per epoch, documents shuffled across windows of data.shuffle_window_shards shards; data/rows.py:
 packing and the mixture). Each global step of batch_size x world_size rows is dealt out in contiguous slices,
 one per rank. The world size, num_workers and the batch size decide only who gets which rows, never which rows
-come next.
+come next. `shapes` changes seq_len and batch_size at named global rows (sequence-length phases): each source's
+packing continues where it stands, at the new length, so no document is lost or repeated at a switch.
 
 Workers. With num_workers > 0 each worker process walks the same global sequence and builds the batches of every
 num_workers-th step of this rank; batches are taken from the workers in strict round robin, so the batch
@@ -20,8 +21,9 @@ cursor (global rows handed out), each source's position and the bad-data counter
 attached to the last batch it handed out (batches prefetched by workers but never handed out are not in it);
 that is state_dict(). It is the same on every rank, so load_state_dict() of any rank's state continues at the
 exact next global row on any world size, num_workers or batch size (load_reshaped takes every old rank's state,
-checks that they agree, and does the same). What must stay: the sources, the seed, seq_len,
-shuffle_documents, shuffle_window_shards and the source-mix schedule (its knots are global rows). States saved
+checks that they agree, and does the same). What must stay: the sources, the seed, seq_len and the rows and
+lengths of the shape knots, shuffle_documents, shuffle_window_shards and the source-mix schedule (its knots are
+global rows). States saved
 by an older cloze (version 2, whose order depended on the world size) are refused.
 
 Failures. An exception in a worker comes back in the main process as one clear error (BadDataError, a
@@ -105,6 +107,11 @@ class LoaderConfig:
     strictly increase. Part of the data order."""
     schedule_between: str = "linear"
     """'linear': the weights move row by row from knot to knot; 'hold': each knot's weights hold until the next."""
+    shapes: list[tuple[int, int, int]] = field(default_factory=list)
+    """Shape knots after row 0: (global row, seq_len, batch_size); seq_len and batch_size above are the shape at
+    row 0. From a knot's row on, rows have its seq_len and each batch its batch_size rows. A knot's row must be
+    where a global step starts: a whole number of the previous shape's steps (batch_size x world_size rows)
+    after the previous knot. The rows and lengths are part of the data order; the batch sizes are not."""
     labels: list[str] = field(default_factory=list)
     """Filled in: one unique short name per source (its folder's or URL's last component)."""
 
@@ -147,6 +154,26 @@ class LoaderConfig:
             labels.append(label)
         self.labels = labels
         self._check_schedule()
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        checked: list[tuple[int, int, int]] = []
+        row, batch = 0, self.batch_size
+        for item in self.shapes:
+            if not (isinstance(item, (tuple, list)) and len(item) == 3 and all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in item)):
+                raise ValueError(f"shape knot {item!r} must be a (global row, seq_len, batch_size) triple of ints")
+            at, knot_seq, knot_batch = item
+            step_rows = batch * self.world_size
+            if at <= row or (at - row) % step_rows:
+                raise ValueError(f"shape knot at global row {at} must lie after row {row} by a whole number of "
+                                 f"global steps of {step_rows} rows (batch_size {batch} x world_size "
+                                 f"{self.world_size}): a global step is never cut by a change of shape")
+            if knot_seq < 1 or knot_batch < 1:
+                raise ValueError(f"shape knot {item!r}: seq_len and batch_size must be >= 1")
+            checked.append((at, knot_seq, knot_batch))
+            row, batch = at, knot_batch
+        self.shapes = checked
 
     def _check_schedule(self) -> None:
         specs = [spec for spec, _ in self.sources]
@@ -243,7 +270,8 @@ class _WorkerData(IterableDataset):
 
 
 class Loader:
-    """Endless iterator of (input_ids, doc_ids), int64 [batch_size, seq_len]; see the module docstring."""
+    """Endless iterator of (input_ids, doc_ids), int64 [batch_size, seq_len] (the shape of the step's phase, when
+    `shapes` has knots); see the module docstring."""
 
     def __init__(self, config: LoaderConfig):
         self.config = cfg = config
@@ -268,7 +296,8 @@ class Loader:
     def spec(self) -> RowSpec:
         cfg, special = self.config, self.sources[0].manifest.special_ids
         return RowSpec(rank=cfg.rank, world_size=cfg.world_size, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                       on_bad_data=cfg.on_bad_data, cls_id=special["[CLS]"], sep_id=special["[SEP]"])
+                       on_bad_data=cfg.on_bad_data, cls_id=special["[CLS]"], sep_id=special["[SEP]"],
+                       shapes=tuple(cfg.shapes))
 
     # ----- iteration --------------------------------------------------------------------------------------------
     def __iter__(self) -> Loader:
@@ -322,7 +351,8 @@ class Loader:
         return {"seed": cfg.seed, "shuffle_documents": cfg.shuffle_documents,
                 "shuffle_window_shards": cfg.shuffle_window_shards, "seq_len": cfg.seq_len,
                 "sources": [[s.label, s.weight, len(s.manifest.shards)] for s in self.sources],
-                "schedule": self._schedule_fingerprint()}
+                "schedule": self._schedule_fingerprint(),
+                "seq_len_knots": [[row, seq] for row, seq, _ in cfg.shapes] or None}
 
     def _schedule_fingerprint(self) -> dict[str, Any] | None:
         """The source-mix knots as normalised weights per source, or None for a fixed mix (as older states,
@@ -360,6 +390,10 @@ class Loader:
                     raise ValueError(f"loader state was saved with the source-mix schedule {saved!r:.200}, this loader "
                                      f"has {value!r:.200} (knots in global rows); resume with the same data.schedule, "
                                      "train.max_steps and global batch (micro x accum x world)")
+                if key == "seq_len_knots":
+                    raise ValueError(f"loader state was saved with sequence-length phases starting at global rows "
+                                     f"{saved!r:.200} ([row, seq_len]), this loader has {value!r:.200}; resume with "
+                                     "the same data.seq_len_phases, train.max_steps and global batch")
                 raise ValueError(f"loader state was saved with {key}={saved!r}, this loader has {value!r}; resume "
                                  "with the same data sources, seed, seq_len, shuffle_documents and "
                                  "shuffle_window_shards")
@@ -400,7 +434,13 @@ class Loader:
         if problem:
             raise ValueError(f"loader state points outside the data or is damaged ({problem}); was it saved for "
                              "this dataset?")
-        return {"rows": rows, "positions": [{k: p[k] for k in POSITION_KEYS} for p in positions],
+        for pos in positions:
+            if "tokens" in pos and not (isinstance(pos["tokens"], int) and pos["tokens"] >= pos["rows"]):
+                raise ValueError(f"loader state is damaged (bad token count in {pos!r:.200}); was it saved for "
+                                 "this dataset?")
+        seq_len = self.config.seq_len  # a state without token counts was saved by a run without shapes
+        return {"rows": rows, "positions": [{**{k: p[k] for k in POSITION_KEYS},
+                                             "tokens": p.get("tokens", p["rows"] * seq_len)} for p in positions],
                 "counters": {str(k): int(v) for k, v in counters.items()}}
 
     # ----- reporting ----------------------------------------------------------------------------------------
@@ -422,12 +462,12 @@ class Loader:
         """Counters up to the last handed-out batch. Every rank reads the same global sequence, so the counts of
         the whole run come from rank 0 only (summing over ranks gives them once): skipped_shards/<reason>,
         skipped_samples/<reason> (only those that happened), tokens/<source> (tokens of the global rows handed
-        out). Every rank: epoch/<source>."""
+        out, whatever their lengths). Every rank: epoch/<source>."""
         out: dict[str, int] = {}
         if self.config.rank == 0:
             out.update({k: int(v) for k, v in self._state["counters"].items()})
             for source, pos in zip(self.sources, self._state["positions"], strict=True):
-                out[f"tokens/{source.label}"] = int(pos["rows"]) * self.config.seq_len
+                out[f"tokens/{source.label}"] = int(pos["tokens"])
         out.update({f"epoch/{label}": epoch for label, epoch in self.epochs().items()})
         return out
 
@@ -471,6 +511,7 @@ def build_loader(
     cache_max_bytes: int = 64 << 30,
     schedule: list[tuple[int, dict[str, float]]] | None = None,
     schedule_between: str = "linear",
+    shapes: list[tuple[int, int, int]] | None = None,
 ) -> Loader:
     """The trainer's entry point; a single source is [(path, 1.0)]. See LoaderConfig for the arguments."""
     return Loader(LoaderConfig(sources=list(sources), seq_len=seq_len, batch_size=batch_size, rank=rank,
@@ -478,7 +519,7 @@ def build_loader(
                                shuffle_documents=shuffle_documents, shuffle_window_shards=shuffle_window_shards,
                                read_stall_s=read_stall_s, read_timeout_s=read_timeout_s, cache_dir=cache_dir,
                                cache_max_bytes=cache_max_bytes, schedule=list(schedule or []),
-                               schedule_between=schedule_between))
+                               schedule_between=schedule_between, shapes=list(shapes or [])))
 
 
 __all__ = ["BadDataError", "Loader", "LoaderConfig", "build_loader"]

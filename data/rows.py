@@ -5,6 +5,11 @@ Global rows. Each source's documents are packed in their global order into rows 
 of the run comes from the source the mixture schedule gives it, and is that source's next row. Row i is thus a
 function of the data and the seed only: not of the world size, the number of loader workers or the batch size.
 
+Shapes. A run may change its shape at global rows it names (sequence-length phases, RowSpec.shapes): from such a
+row on, rows have the new seq_len and batches the new batch_size. Each source's packer simply cuts its next rows
+at the new length, from where it stands (in the middle of a document, possibly): the concatenation of a source's
+rows is the same token stream whatever the lengths, so no document is lost or repeated at a switch.
+
 Dealing. Batch k of the loader (k counted from where it started, at global row c) holds, on rank r of W ranks
 with batch size B, the global rows c + k*B*W + r*B ... + B: each global step of B*W rows is cut into contiguous
 slices, rank by rank. Every rank hands out one batch per step, forever, so every rank gets the same number of
@@ -48,14 +53,28 @@ class RowSpec:
     on_bad_data: str
     cls_id: int
     sep_id: int
+    shapes: tuple[tuple[int, int, int], ...] = ()
+    """Shape knots after row 0: (global row, seq_len, batch_size), rows increasing; seq_len and batch_size above
+    hold before the first. Each knot's row is the start of a global step (checked by the loader's config)."""
+
+    def shape_at(self, row: int) -> tuple[int, int]:
+        """(seq_len, batch_size) of the global step that starts at global row `row`."""
+        seq, batch = self.seq_len, self.batch_size
+        for at, knot_seq, knot_batch in self.shapes:
+            if at > row:
+                break
+            seq, batch = knot_seq, knot_batch
+        return seq, batch
 
 
 POSITION_KEYS = ("epoch", "window", "member", "offset", "rows")
+"""Every source position has these; "tokens" (tokens of its rows handed out) is kept besides them."""
 
 
 def initial_state(num_sources: int) -> dict[str, Any]:
     """The state of a stream that has handed out nothing."""
-    return {"rows": 0, "positions": [dict.fromkeys(POSITION_KEYS, 0) for _ in range(num_sources)], "counters": {}}
+    return {"rows": 0, "positions": [dict.fromkeys((*POSITION_KEYS, "tokens"), 0) for _ in range(num_sources)],
+            "counters": {}}
 
 
 class SourceStream:
@@ -145,6 +164,7 @@ class RowStream:
         """Shard files opened in the steps this stream handed out (and before its first), as '<label>/<file>'."""
         self.cursor = int(state["rows"])
         self.rows = [int(p["rows"]) for p in state["positions"]]
+        self.tokens = [int(p.get("tokens", p["rows"] * spec.seq_len)) for p in state["positions"]]
         self.streams: list[SourceStream] = []
         self.packers: list[Packer] = []
         for source, order, pos in zip(sources, orders, state["positions"], strict=True):
@@ -163,8 +183,10 @@ class RowStream:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the next global step: (input_ids, doc_ids), int64 [batch_size, seq_len]."""
-        b, seq, rank = self.spec.batch_size, self.spec.seq_len, self.spec.rank
+        seq, b = self._shape()
+        rank = self.spec.rank
         picks = np.asarray(self.schedule.assign(self.rows, b * self.spec.world_size))
+        self._count_tokens(picks, seq)
         lo, hi = rank * b, (rank + 1) * b
         ids = np.empty((b, seq), dtype=np.int64)
         docs = np.empty((b, seq), dtype=np.int64)
@@ -182,19 +204,32 @@ class RowStream:
     def skip_batch(self) -> None:
         """Move past the next global step without building rows (its batch is another worker's to hand out);
         the shards it opened are that worker's to report."""
-        picks = np.asarray(self.schedule.assign(self.rows, self.spec.batch_size * self.spec.world_size))
+        seq, b = self._shape()
+        picks = np.asarray(self.schedule.assign(self.rows, b * self.spec.world_size))
+        self._count_tokens(picks, seq)
         for s, packer in enumerate(self.packers):
             packer.skip(int((picks == s).sum()))
         self.cursor += picks.size
         self.opened = []
 
+    def _shape(self) -> tuple[int, int]:
+        """The next global step's (seq_len, batch_size); every packer cuts rows of that length from here on."""
+        seq, batch = self.spec.shape_at(self.cursor)
+        for packer in self.packers:
+            packer.seq_len = seq
+        return seq, batch
+
+    def _count_tokens(self, picks: np.ndarray, seq: int) -> None:
+        for s in range(len(self.tokens)):
+            self.tokens[s] += int((picks == s).sum()) * seq
+
     def state(self) -> dict[str, Any]:
         """JSON-serialisable: where the next global step starts, and the counters so far."""
         positions = []
-        for stream, packer, rows in zip(self.streams, self.packers, self.rows, strict=True):
+        for stream, packer, rows, tokens in zip(self.streams, self.packers, self.rows, self.tokens, strict=True):
             epoch, window, member = packer.head_position if packer.head is not None else stream.position
             positions.append({"epoch": epoch, "window": window, "member": member, "offset": packer.offset,
-                              "rows": rows})
+                              "rows": rows, "tokens": tokens})
         return {"rows": self.cursor, "positions": positions, "counters": dict(self.counters)}
 
     def drain_opened(self) -> list[str]:
