@@ -205,7 +205,12 @@ class DataConfig:
     at step s takes effect at global row s x micro x accum x world). Syntax: launch/train/schedules.py. Part of
     the data order: resume with the same schedule, train.max_steps and global batch. None: a fixed mix."""
     seq_len: int = 128
-    """Tokens per packed row."""
+    """Tokens per row (of the first phase, with seq_len_phases)."""
+    seq_len_phases: list[Any] | None = None
+    """Later phases of the row length, e.g. [{at: 90%, seq_len: 8192, micro_batch_size: 4, global_rope_theta:
+    160000}]: from step `at` rows have seq_len tokens, a rank's micro-batch micro_batch_size rows (default: the
+    first phase's tokens per micro-batch) and the model the given RoPE bases (launch/train/phases.py). The loader
+    switches without losing or repeating a document; part of the data order, like schedule. None: one length."""
     num_workers: int = 0
     """Loader worker processes per rank (0: read in the training process). Not part of the data order: a run may
     resume with another value (or another world size) and continues at the exact next row."""
@@ -638,13 +643,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 def validate(cfg: RunConfig) -> list[str]:
     """Every check that needs only the config and the code (not the data or the world size)."""
+    from launch.train.phases import check_phases
     from launch.train.schedules import check_data_schedule, check_schedules  # mixes, schedules, parameters
 
     if unusable := _unusable_paths(cfg):
         return unusable  # the checks below would fail on these paths with an OSError naming no key
     return [*_choice_problems(cfg), *_path_problems(cfg), *_train_count_problems(cfg.train),
             *_train_optimizer_problems(cfg.train), *_data_problems(cfg.data), *_eval_problems(cfg.eval),
-            *_model_problems(cfg), *check_schedules(cfg), *check_data_schedule(cfg)]
+            *_model_problems(cfg), *check_schedules(cfg), *check_data_schedule(cfg),
+            *check_phases(cfg)]
 
 
 def _one_of(values: tuple[Any, ...]) -> str:

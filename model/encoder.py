@@ -11,6 +11,8 @@ keeping their activations.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -156,6 +158,12 @@ class Encoder(nn.Module):
     def set_attention_backend(self, name: str) -> None:
         """Switch the attention kernel ("auto", "sdpa", "flex"); ValueError for any other name."""
         self.attn_backend = check_attention_backend(name)
+
+    def set_rope_theta(self, global_theta: float, local_theta: float) -> None:
+        """The RoPE bases of the global and the local layers for the forwards that follow (context extension moves
+        the global one, e.g. 10000 -> 160000). The rotary tables are built per forward from the config, so nothing
+        else holds the old bases."""
+        self.cfg = dataclasses.replace(self.cfg, global_rope_theta=global_theta, local_rope_theta=local_theta)
 
     def set_activation_checkpointing(self, every: int) -> None:
         """Checkpoint blocks i with i % every == 0 (1: every block) while training; 0 turns it off."""

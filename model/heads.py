@@ -84,6 +84,11 @@ class EncoderForPretraining(nn.Module):
         """Switch the encoder's attention kernel ("auto", "sdpa", "flex"); ValueError for any other name."""
         self.encoder.set_attention_backend(name)
 
+    def set_rope_theta(self, global_theta: float, local_theta: float) -> None:
+        """The encoder's RoPE bases from the next forward on (Encoder.set_rope_theta)."""
+        self.encoder.set_rope_theta(global_theta, local_theta)
+        self.cfg = self.encoder.cfg
+
     def set_head_loss(self, name: str) -> None:
         """Switch the decoder's loss ("plain", "fused"); ValueError for any other name."""
         if name not in HEAD_LOSSES:

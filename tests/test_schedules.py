@@ -184,4 +184,4 @@ def test_batch_warmup_in_the_dry_run(tiny_data, tmp_path):
     assert table[1].split()[-1] == "train.grad_accum"
     assert table[2].split()[-1] == "1" and table[3].split()[-1] == "4"
     # 10 steps of 1 micro-batch and 10 of 4, each 2 rows x 2 ranks x 64 tokens
-    assert table[4].startswith(f"batch warm-up: {(10 + 40) * 2 * 2 * 64:,} tokens in 20 steps")
+    assert table[4].startswith(f"batch warm-up and phases: {(10 + 40) * 2 * 2 * 64:,} tokens in 20 steps")

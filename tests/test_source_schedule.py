@@ -155,7 +155,7 @@ def test_the_trainer_gets_knots_in_global_rows_and_the_dry_run_shows_the_phases(
                  "train.grad_accum=2")
     run = build(cfg)
     # 8 rows per micro-batch x 3 ranks, 2 micro-batches per step: step 18 starts at global row 18 x 48
-    assert run.data_knots(rows_per_micro=8 * 3) == ([(18 * 48, {web: 0.3, books: 0.7})], "hold")
+    assert run.data_knots(world=3) == ([(18 * 48, {web: 0.3, books: 0.7})], "hold")
     assert run.values_at(17) == {f"data/{web}": pytest.approx(0.7), f"data/{books}": pytest.approx(0.3)}
     assert run.values_at(18) == {f"data/{web}": pytest.approx(0.3), f"data/{books}": pytest.approx(0.7)}
     table = phase_table(cfg)

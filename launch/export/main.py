@@ -185,7 +185,9 @@ def write_export(checkpoint: str | Path, out: Path, with_head: bool, dtype: str,
     check_shapes(lazy, cfg, ckpt_dir / tag)
     files = write_hf_model(lazy, cfg, out, with_head, DTYPES[dtype], max_shard)
     del lazy
-    seq_len = int(info.get("config", {}).get("data", {}).get("seq_len", cfg.max_position_embeddings))
+    from launch.export.modelcard import trained_seq_len
+
+    seq_len = trained_seq_len(info) or cfg.max_position_embeddings
     write_tokenizer(ckpt_dir / tag / "tokenizer", out, model_max_length=cfg.max_position_embeddings)
     if not with_head:
         write_sentence_transformers(out, cfg.hidden_size, seq_len)

@@ -273,7 +273,25 @@ def _run(info: dict, scalars: dict[str, Series], summary: dict | None, precision
             f"| tokens seen | {int(info.get('tokens_seen', 0)):,} |", f"| wall time | {wall or 'not recorded'} |",
             f"| hardware | {hardware} |", f"| precision | {precision or cfg.get('train', {}).get('precision')} |",
             f"| DeepSpeed ZeRO stage | {info.get('zero_stage')} |",
-            f"| sequence length | {cfg.get('data', {}).get('seq_len')} |"]
+            f"| sequence length | {_lengths(cfg)} |"]
+
+
+def trained_seq_len(info: dict) -> int | None:
+    """The row length of the checkpoint's last training step (run.json's seq_len; older runs: data.seq_len), or
+    None when neither is a whole number within the encoder's positions (run.json is read, not trusted)."""
+    limit = (info.get("encoder") or {}).get("max_position_embeddings")
+    for value in (info.get("seq_len"), (info.get("config") or {}).get("data", {}).get("seq_len")):
+        if isinstance(value, int) and not isinstance(value, bool) and isinstance(limit, int) and 0 < value <= limit:
+            return value
+    return None
+
+
+def _lengths(cfg: dict) -> str:
+    """data.seq_len, then each phase of data.seq_len_phases as the config wrote it (validated when it ran)."""
+    d = cfg.get("data", {})
+    phases = d.get("seq_len_phases") or []
+    later = [f"{p.get('seq_len')} from {p.get('at')}" for p in phases if isinstance(p, dict)]
+    return ", then ".join([str(d.get("seq_len")), *later])
 
 
 def _results(scalars: dict[str, Series], step: int) -> list[str]:
@@ -427,7 +445,7 @@ def render_card(info: dict, tag: str, scalars: dict[str, Series], summary: dict 
     lines += _mode_tokens(cfg)
     lines += _run(info, scalars, summary, precision)
     lines += _results(scalars, step)
-    lines += _use_and_limits(enc, cfg.get("data", {}).get("seq_len"), step, verification,
+    lines += _use_and_limits(enc, trained_seq_len(info), step, verification,
                              cfg.get("objectives", {}).get("mix", {}))
     lines += ["## Files", "", ", ".join(f"`{f}`" for f in dict.fromkeys([*files, CARD_NAME, PNG_NAME])), ""]
     return "\n".join(lines)

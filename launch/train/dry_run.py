@@ -82,6 +82,8 @@ def describe(cfg: RunConfig, world: int, ds_config: dict, vocab_size: int, preci
     t, seq = cfg.train, cfg.data.seq_len
     params = enc.num_params(include_head=True)
     rows = t.micro_batch_size * t.grad_accum * world
+    run = build_schedules(cfg)
+    total_tokens = run.tokens_before(t.max_steps, world)
     lines = [
         "== resolved training config",
         json.dumps(cfg.to_dict(), indent=1, default=str),
@@ -90,7 +92,8 @@ def describe(cfg: RunConfig, world: int, ds_config: dict, vocab_size: int, preci
         "== batch",
         f"micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x world size {world} = global batch "
         f"{rows} rows; x seq_len {seq} = {rows * seq:,} tokens per optimizer step; "
-        f"{rows * seq * t.max_steps:,} tokens in {t.max_steps} steps",
+        f"{total_tokens:,} tokens in {t.max_steps} steps" + (" (the schedules below move the batch)"
+                                                              if total_tokens != rows * seq * t.max_steps else ""),
         "== model",
         f"{params:,} parameters ({enc.num_params(include_embeddings=False):,} without the embedding); "
         f"{enc.num_layers} layers, hidden {enc.hidden_size}, heads {enc.num_heads}, GeGLU {enc.intermediate_size}, "
@@ -104,8 +107,16 @@ def describe(cfg: RunConfig, world: int, ds_config: dict, vocab_size: int, preci
     head_loss = "plain" if chosen == 3 else t.head_loss  # the trainer ignores fused under ZeRO-3
     dense = t.attention_backend == "sdpa"  # flex ('auto' on a GPU) keeps a small block mask instead
 
-    def acts(every: int) -> dict[str, float]:
-        return activation_bytes(enc, t.micro_batch_size, seq, precision, labelled_fraction, every, dense, head_loss)
+    def acts(every: int, phase=None) -> dict[str, float]:
+        phase = phase or largest
+        return activation_bytes(enc, phase.micro_batch_size, phase.seq_len, precision, labelled_fraction, every,
+                                dense, head_loss)
+
+    largest = run.shape[0]  # the phase whose micro-batch needs the most activation memory
+    largest = max(run.shape, key=lambda p: acts(t.recompute_every(), p)["total"])
+    if len(run.shape) > 1:
+        lines.append(f"(activations of the phase that needs the most: micro-batch {largest.micro_batch_size} x "
+                     f"{largest.seq_len} tokens, from step {largest.step + 1})")
 
     act = acts(t.recompute_every())["total"]
     lines.append(activation_line("without checkpointing", acts(0)))
@@ -152,7 +163,7 @@ def phase_table(cfg: RunConfig, world: int = 1) -> list[str]:
     it arrives. Steps are counted as the log counts them (the first step is 1)."""
     run = build_schedules(cfg)
     phases = run.phases()
-    if not (run.mix_schedule or run.moving or run.data_schedule or run.accum):
+    if not (run.mix_schedule or run.moving or run.data_schedule or run.accum or len(run.shape) > 1):
         return []
     objectives_move = bool(run.mix_schedule or run.moving)  # else only the data mix moves: no objective columns
     keys = [k for k in phases[0][2] if objectives_move or not k.startswith("mix/")]
@@ -166,16 +177,15 @@ def phase_table(cfg: RunConfig, world: int = 1) -> list[str]:
         cells = [f"{a + 1}-{b} ({pct(a)}-{pct(b)})"]
         for k in keys:
             moves = abs(start[k] - end[k]) > 1e-12
-            digits = 0 if k == "train.grad_accum" else 3
+            digits = 0 if k.startswith(("train.", "data.seq_len", "model.")) else 3  # counts and RoPE bases
             cells.append(f"{start[k]:.{digits}f}" + (f" -> {end[k]:.{digits}f}" if moves else ""))
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     out = [f"== schedules: {len(phases)} phase(s) over {run.max_steps} steps (share: of micro-batches; data: of "
            f"rows; a -> b: ramps linearly to b where the phase ends)"]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    if run.accum:
-        t = cfg.train
-        tokens = run.micro_start(run.max_steps) * t.micro_batch_size * world * cfg.data.seq_len
-        out.append(f"batch warm-up: {tokens:,} tokens in {run.max_steps} steps (the batch line above counts every "
-                   f"step at grad_accum {t.grad_accum}); LR schedule follows {t.lr_follows}")
+    if run.accum or len(run.shape) > 1:
+        tokens = run.tokens_before(run.max_steps, world)
+        out.append(f"batch warm-up and phases: {tokens:,} tokens in {run.max_steps} steps on {world} rank(s); the LR "
+                   f"schedule follows {cfg.train.lr_follows}")
     return out

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from launch.config import RunConfig
+    from launch.train.phases import Phase
     from objectives.mixer import Mixer
     from objectives.registry import Objective
 
@@ -229,7 +230,11 @@ class RunSchedules:
     accum: Schedule | None = None
     """train.batch_warmup, or None: every step accumulates grad_accum micro-batches."""
     lr_follows: str = "steps"
-    _starts: Any = None  # micro_start of every step, built once when the accumulation moves
+    shape: tuple[Phase, ...] = ()
+    """data.seq_len_phases after the first phase (launch/train/phases.py); () for one shape throughout."""
+    rope: tuple[float, float] = (160000.0, 10000.0)
+    """The model's own (global, local) RoPE bases, which the phases override from their start."""
+    _sums: Any = None  # per step from 0 to max_steps: micro-batches, rows per rank, tokens per rank before it
 
     def accum_at(self, step: int) -> int:
         """Micro-batches accumulated in optimizer step `step` (0-based)."""
@@ -237,25 +242,58 @@ class RunSchedules:
             return self.grad_accum
         return max(1, min(self.grad_accum, math.floor(self.accum.value_at(step))))  # type: ignore[arg-type]
 
+    def phase_at(self, step: int) -> Phase:
+        """The shape of optimizer step `step` (0-based)."""
+        current = self.shape[0]
+        for phase in self.shape:
+            if phase.step <= step:
+                current = phase
+        return current
+
+    def rope_at(self, step: int) -> tuple[float, float]:
+        """(global, local) RoPE bases of optimizer step `step`."""
+        from launch.train.phases import rope_at
+
+        return rope_at(self.shape, step, *self.rope)
+
+    def _before(self, step: int, column: int) -> int:
+        """Per rank, micro-batches (column 0), rows (1) or tokens (2) of all the steps before `step`."""
+        import numpy as np
+
+        if self._sums is None:
+            per_step = np.zeros((self.max_steps, 3), dtype=np.int64)
+            for s in range(self.max_steps):
+                accum, phase = self.accum_at(s), self.phase_at(s)
+                per_step[s] = (accum, accum * phase.micro_batch_size, accum * phase.micro_batch_size * phase.seq_len)
+            self._sums = np.concatenate([np.zeros((1, 3), dtype=np.int64), np.cumsum(per_step, axis=0)])
+        if step <= self.max_steps:
+            return int(self._sums[step, column])
+        accum, phase = self.accum_at(step), self.phase_at(step)
+        last = (accum, accum * phase.micro_batch_size, accum * phase.micro_batch_size * phase.seq_len)[column]
+        return int(self._sums[-1, column]) + (step - self.max_steps) * last
+
     def micro_start(self, step: int) -> int:
         """Micro-batches of all the steps before `step`: the mixer's index of (step, micro 0)."""
-        if self.accum is None:
-            return step * self.grad_accum
-        if self._starts is None:
-            import numpy as np
+        return step * self.grad_accum if self.accum is None else self._before(step, 0)
 
-            counts = np.array([self.accum_at(s) for s in range(self.max_steps)], dtype=np.int64)
-            self._starts = np.concatenate([[0], np.cumsum(counts)])
-        if step <= self.max_steps:
-            return int(self._starts[step])
-        return int(self._starts[-1]) + (step - self.max_steps) * self.accum_at(step)
+    def rows_before(self, step: int, world: int) -> int:
+        """Global rows of all the steps before `step` on `world` ranks: where step `step` starts in the loader."""
+        return self._before(step, 1) * world
+
+    def tokens_before(self, step: int, world: int) -> int:
+        return self._before(step, 2) * world
+
+    def shape_knots(self, world: int) -> list[tuple[int, int, int]]:
+        """data.seq_len_phases for the loader: (global row, seq_len, rows per rank) of every phase after the first."""
+        return [(self.rows_before(p.step, world), p.seq_len, p.micro_batch_size) for p in self.shape[1:]]
 
     def lr_progress(self, step: int) -> float:
         """The step the LR schedule is at after `step` optimizer steps: the step itself, or with lr_follows=tokens
-        the same share of max_steps as the share of the run's micro-batches (tokens) seen."""
-        if self.lr_follows != "tokens" or self.accum is None:
+        the same share of max_steps as the share of the run's tokens seen (the batch warm-up and the phases move
+        the tokens per step)."""
+        if self.lr_follows != "tokens" or (self.accum is None and len(self.shape) < 2):
             return float(step)
-        return self.micro_start(step) * self.max_steps / self.micro_start(self.max_steps)
+        return self.tokens_before(step, 1) * self.max_steps / self.tokens_before(self.max_steps, 1)
 
     @property
     def names(self) -> list[str]:
@@ -288,13 +326,12 @@ class RunSchedules:
         assert isinstance(value, dict)
         return {n: value.get(n, 0.0) for n in self.data_mix}
 
-    def data_knots(self, rows_per_micro: int) -> tuple[list[tuple[int, dict[str, float]]], str]:
-        """data.schedule for the loader: (global row, {source: weight}) knots after row 0, with `rows_per_micro`
-        global rows per micro-batch (micro_batch_size x world; a step has accum_at(step) of them), and how the
-        weights move between knots. No knots: the data.sources weights hold."""
+    def data_knots(self, world: int) -> tuple[list[tuple[int, dict[str, float]]], str]:
+        """data.schedule for the loader: (global row, {source: weight}) knots after row 0 on `world` ranks, and how
+        the weights move between knots. No knots: the data.sources weights hold."""
         if self.data_schedule is None:
             return [], "linear"
-        return ([(self.micro_start(k.step) * rows_per_micro, dict(k.value))  # type: ignore[arg-type]
+        return ([(self.rows_before(k.step, world), dict(k.value))  # type: ignore[arg-type]
                  for k in self.data_schedule.knots], self.data_schedule.between)
 
     def mixer(self, seed: int) -> Mixer:
@@ -325,7 +362,7 @@ class RunSchedules:
     def values_at(self, step: int) -> dict[str, float]:
         """Every scheduled value at `step`, keyed for TensorBoard: mix/<name> (the share, when the mix moves) and
         <objective>.<parameter>. Empty when nothing is scheduled."""
-        if not (self.mix_schedule or self.moving or self.data_schedule or self.accum):
+        if not (self.mix_schedule or self.moving or self.data_schedule or self.accum or len(self.shape) > 1):
             return {}
         out = self._values(step)
         return out if self.mix_schedule else {k: v for k, v in out.items() if not k.startswith("mix/")}
@@ -336,6 +373,7 @@ class RunSchedules:
         every += [k.step for m in self.moving.values() for s in m.values() for k in s.knots]
         every += [k.step for k in self.data_schedule.knots] if self.data_schedule else []
         every += [k.step for k in self.accum.knots] if self.accum else []
+        every += [p.step for p in self.shape]
         return sorted({0, *(s for s in every if s < self.max_steps)})
 
     def phases(self) -> list[tuple[int, int, dict[str, float], dict[str, float]]]:
@@ -352,8 +390,14 @@ class RunSchedules:
                         for p, s in moving.items()})
         if self.data_schedule:
             out.update({f"data/{n}": v for n, v in self.data_shares_at(step, before).items()})
+        at = max(0, math.ceil(step) - 1) if before else int(step)  # a step's own value: its phase holds to its end
         if self.accum:
-            out["train.grad_accum"] = float(self.accum_at(max(0, step - 1) if before else step))
+            out["train.grad_accum"] = float(self.accum_at(at))
+        if len(self.shape) > 1:
+            phase = self.phase_at(at)
+            out["data.seq_len"], out["train.micro_batch_size"] = float(phase.seq_len), float(phase.micro_batch_size)
+            if any(p.global_rope_theta is not None or p.local_rope_theta is not None for p in self.shape):
+                out["model.global_rope_theta"], out["model.local_rope_theta"] = self.rope_at(at)
         return out
 
 
@@ -367,6 +411,7 @@ def build(cfg: RunConfig, problems: list[str] | None = None, data: bool = True) 
     without, a problem raises ConfigError (the config was validated, so that is a programming error). data=False
     leaves data.schedule out (check_schedules: check_data_schedule reports its problems)."""
     from launch.config import ConfigError
+    from launch.train.phases import parse_phases
 
     own: list[str] = [] if problems is None else problems
     before = len(own)
@@ -395,6 +440,7 @@ def build(cfg: RunConfig, problems: list[str] | None = None, data: bool = True) 
                 moving.setdefault(name, {})[param] = schedule
                 params[name][param] = schedule.value_at(0)
     data_schedule = _data_schedule(cfg, own) if data else None
+    shape = parse_phases(cfg, own if data else [])  # data=False: check_phases reports its problems
     accum = None
     if t.batch_warmup is not None:
         accum = parse("train.batch_warmup", t.batch_warmup, max_steps, own)
@@ -409,7 +455,18 @@ def build(cfg: RunConfig, problems: list[str] | None = None, data: bool = True) 
         return None
     return RunSchedules(dict(o.mix), mix_schedule, params, moving, max_steps, max(1, t.grad_accum),
                         {str(k): float(v) for k, v in cfg.data.sources.items()}, data_schedule,
-                        accum, t.lr_follows)
+                        accum, t.lr_follows, shape, _model_rope(cfg))
+
+
+def _model_rope(cfg: RunConfig) -> tuple[float, float]:
+    """The config's (global, local) RoPE bases, or EncoderConfig's defaults (with model.init_from the trainer puts
+    the folder's in their place)."""
+    from model.config import EncoderConfig
+
+    fields = EncoderConfig.__dataclass_fields__
+    g, loc = cfg.model.global_rope_theta, cfg.model.local_rope_theta
+    return (float(g if g is not None else fields["global_rope_theta"].default),
+            float(loc if loc is not None else fields["local_rope_theta"].default))
 
 
 def _data_schedule(cfg: RunConfig, problems: list[str]) -> Schedule | None:

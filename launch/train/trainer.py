@@ -16,6 +16,7 @@ One step, in the order `Trainer.train` runs it (each a method below):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -149,6 +150,7 @@ class Trainer:
 
         # The objective mix, objective parameters and source weights by step (launch/train/schedules.py).
         self.schedules = build_schedules(cfg)
+        self.schedules.rope = (self.enc_cfg.global_rope_theta, self.enc_cfg.local_rope_theta)  # init_from's too
         torch.manual_seed(cfg.train.seed)
         model = self._build_model(pre)
         self.stream, self.data_identity = self._build_stream(pre)
@@ -253,11 +255,12 @@ class Trainer:
 
         d, t = self.cfg.data, self.cfg.train
         sources = [(k, float(v)) for k, v in d.sources.items()] or [(d.path, 1.0)]
-        knots, between = self.schedules.data_knots(t.micro_batch_size * self.world)
+        knots, between = self.schedules.data_knots(self.world)
         stream = build_loader(sources, seq_len=d.seq_len, batch_size=t.micro_batch_size, rank=self.rank,
                               world_size=self.world, seed=t.seed, num_workers=d.num_workers,
                               on_bad_data=d.on_bad_data, shuffle_window_shards=d.shuffle_window_shards,
-                              schedule=knots, schedule_between=between, **self.read_options())
+                              schedule=knots, schedule_between=between, shapes=self.schedules.shape_knots(self.world),
+                              **self.read_options())
         if stream.manifest.tokenizer_sha256 != self.manifest.tokenizer_sha256:
             raise ConfigError([f"data.sources were prepared with another tokenizer than data.path ({d.path}); "
                                f"prepare every source with `launch.prepare --tokenizer {pre.tokenizer_dir}/spm.model`"])
@@ -302,6 +305,7 @@ class Trainer:
     def _run_info(self) -> dict:
         return {"config": self.cfg.to_dict(), "config_hash": config_hash(self.cfg),
                 "encoder": self.enc_cfg.to_dict(), "world_size": self.world, "zero_stage": self.zero_stage,
+                "seq_len": self.schedules.phase_at(max(0, self.step - 1)).seq_len,  # of the last step trained
                 "step": self.step, "tokens_seen": self.tokens_seen, "hardware": self.hardware,
                 "manifest": str(Path(self.cfg.data.path).resolve()), "data_identity": self.data_identity}
 
@@ -478,12 +482,25 @@ class Trainer:
             return self._fetch(it, self.step + 1, 0)
         return None
 
-    def _set_accumulation(self) -> int:
-        """Micro-batches in this step (train.batch_warmup); the engine's batch size follows, so its backward
-        scales each micro-batch's loss by the step's own accumulation."""
-        accum = self.schedules.accum_at(self.step)
-        if accum != self.engine.gradient_accumulation_steps():
-            self.engine.set_train_batch_size(self.cfg.train.micro_batch_size * accum * self.world)
+    def _set_shape(self) -> int:
+        """What this step's phase and batch warm-up set (launch/train/phases.py, train.batch_warmup): the engine's
+        micro-batch and accumulation (so its backward scales each micro-batch's loss by the step's own
+        accumulation) and the model's RoPE bases. Returns the step's micro-batches."""
+        accum, phase = self.schedules.accum_at(self.step), self.schedules.phase_at(self.step)
+        engine = self.engine
+        if phase.micro_batch_size != engine.train_micro_batch_size_per_gpu():
+            engine.set_train_micro_batch_size(phase.micro_batch_size)
+        if accum != engine.gradient_accumulation_steps():
+            engine.set_train_batch_size(phase.micro_batch_size * accum * self.world)
+        rope = self.schedules.rope_at(self.step)
+        if rope != (self.enc_cfg.global_rope_theta, self.enc_cfg.local_rope_theta):
+            self.enc_cfg = dataclasses.replace(self.enc_cfg, global_rope_theta=rope[0], local_rope_theta=rope[1])
+            engine.module.set_rope_theta(*rope)
+            log0(self.rank, f"step {self.step + 1}: RoPE bases global {rope[0]:g}, local {rope[1]:g}")
+        if phase.seq_len != self.metrics.seq_len:
+            self.metrics.seq_len = phase.seq_len
+            log0(self.rank, f"step {self.step + 1}: rows of {phase.seq_len} tokens, {phase.micro_batch_size} per "
+                            f"micro-batch (data.seq_len_phases)")
         return accum
 
     def _apply_update(self) -> None:
@@ -502,7 +519,7 @@ class Trainer:
         losses: dict[str, float] = {}
         skipped = False
         self._boundary = None
-        accum = self._set_accumulation()
+        accum = self._set_shape()
         for micro in range(accum):
             if self.cfg.train.batch_warmup is not None:  # the engine counts micro-steps modulo its accumulation
                 self.engine.set_gradient_accumulation_boundary(micro == accum - 1)
