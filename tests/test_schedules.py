@@ -145,7 +145,13 @@ def test_modernbert_base_recipe_dry_run(tiny_data, tmp_path):
     assert "global every 3 layers (8 global, 14 local), window 128" in out
     assert "head on 30% of positions" in out
     assert "x seq_len 1024" in out and '"stage": 2' in out
-    assert "== schedules" not in out  # nothing moves in this recipe
+    table = out[out.index("== schedules"):].splitlines()
+    assert table[1].split()[-5:] == ["train.grad_accum", "data.seq_len", "train.micro_batch_size",
+                                     "model.global_rope_theta", "model.local_rope_theta"]
+    # The warm-up ramps over the first 3% (a phase per knot), the context extension starts at 90%.
+    assert table[2].split()[2:] == ["1", "->", "5", "1024", "32", "10000", "10000"]
+    assert table[-2].split()[:2] == ["90001-100000", "(90%-100%)"]
+    assert table[-2].split()[-5:] == ["6", "8192", "4", "160000", "10000"]
 
 
 def test_batch_warmup_counts_micro_batches_and_moves_the_mixer_and_lr(tmp_path):
