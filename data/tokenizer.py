@@ -230,13 +230,35 @@ def _check_model(proto: sentencepiece_model_pb2.ModelProto, path: Path) -> None:
         )
 
 
+MAX_MODEL_BYTES = 256 << 20
+"""Largest SentencePiece model read (a 256k-piece model is ~5 MB): a manifest may name any path."""
+
+
+def _read_model(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_MODEL_BYTES; ValueError for anything else (a device, a FIFO, a
+    folder, a file too large), so a hostile path can neither hang the read nor fill memory."""
+    import stat
+
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"tokenizer model {path} is not a regular file")
+    if info.st_size > MAX_MODEL_BYTES:
+        raise ValueError(f"tokenizer model {path} has {info.st_size:,} bytes, more than a SentencePiece model's "
+                         f"{MAX_MODEL_BYTES:,}; it is not a tokenizer")
+    with path.open("rb") as f:
+        data = f.read(MAX_MODEL_BYTES + 1)
+    if len(data) > MAX_MODEL_BYTES:
+        raise ValueError(f"tokenizer model {path} grew past {MAX_MODEL_BYTES:,} bytes while read")
+    return data
+
+
 class Tokenizer:
     """A cloze SentencePiece model: encode/decode without specials, plus the ids objectives need."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            data = self.path.read_bytes()
+            data = _read_model(self.path)
         except FileNotFoundError:
             raise ValueError(f"tokenizer model {self.path} not found; run launch.prepare or fix the path") from None
         except OSError as e:
@@ -252,6 +274,8 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=data)
         self.sha256 = hashlib.sha256(data).hexdigest()
         """Hex SHA-256 of the model file; shards record it so they never meet a different tokenizer."""
+        self.model_bytes = data
+        """The model file as read and checked: what a checkpoint keeps (never a re-read of the path)."""
 
     pad_id: int = 0
     unk_id: int = 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data.tokenizer import (
+    MAX_MODEL_BYTES,
     MAX_SEGMENT_CHARS,
     REQUIRED_CHARS,
     SCORE_GRID,
@@ -162,3 +164,30 @@ def test_model_with_scores_off_the_grid_is_refused(tmp_path):
     with pytest.raises(ValueError, match="score grid") as e:
         Tokenizer(edited)
     assert "edited.model" in str(e.value)
+
+
+@pytest.mark.parametrize("what", ["device", "fifo", "folder", "too_large"])
+def test_a_tokenizer_path_that_is_not_a_bounded_regular_file_is_refused_at_once(tmp_path, what):
+    """A manifest names the tokenizer file: a device, a FIFO (a read would block forever), a folder or an
+    oversized file is refused before any read, with the path named."""
+    import os
+
+    path = tmp_path / "spm.model"
+    if what == "device":
+        path = Path("/dev/zero")
+    elif what == "fifo":
+        os.mkfifo(path)
+    elif what == "folder":
+        path.mkdir()
+    else:
+        with path.open("wb") as f:
+            f.truncate(MAX_MODEL_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(ValueError, match="not a regular file|more than a SentencePiece model") as e:
+        Tokenizer(path)
+    assert str(path) in str(e.value)
+
+
+def test_the_model_bytes_are_the_file_read_and_hashed(tmp_path):
+    tok = Tokenizer(trained_model())
+    assert hashlib.sha256(tok.model_bytes).hexdigest() == tok.sha256
+    assert tok.model_bytes == Path(trained_model()).read_bytes()

@@ -109,6 +109,8 @@ def test_export_loads_in_transformers_and_matches(tiny_run, tmp_path):
     assert type(model).__name__ == "ModernBertModel"
     tok = AutoTokenizer.from_pretrained(export)
     tag = (out / "checkpoints" / "latest").read_text().strip()
+    # The checkpoint keeps the tokenizer model the run read and checked, not the folder the manifest names.
+    assert [p.name for p in (out / "checkpoints" / tag / "tokenizer").iterdir()] == ["spm.model"]
     run = json.loads((out / "checkpoints" / tag / "run.json").read_text())
     ours = EncoderForPretraining(EncoderConfig.from_dict(run["encoder"]))
     ours.load_state_dict(consolidate(out / "checkpoints", tag, run["zero_stage"]))

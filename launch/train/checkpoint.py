@@ -167,9 +167,11 @@ def _write_error(e: BaseException) -> bool:
                                                                    "unexpected pos", "iostream error"))
 
 
-def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, tokenizer_dir: Path, keep: int,
+def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, tokenizer_model: bytes, keep: int,
          faults: Faults = NO_FAULTS) -> str:
-    """Collective: every rank calls it. Returns the tag. `faults` may kill rank 0 at one of its points (tests)."""
+    """Collective: every rank calls it. Returns the tag. `faults` may kill rank 0 at one of its points (tests).
+    tokenizer_model: the SentencePiece model as the run read and checked it, kept as tokenizer/spm.model (only
+    that file: the folder the data's manifest names is not copied, so nothing else in it reaches a checkpoint)."""
     tag = tag_for(step)
     rank = dist.get_rank()
     tag_dir = ckpt_dir / tag
@@ -186,7 +188,8 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict, run_info: dict, to
             dst = tag_dir / "tokenizer"
             if dst.exists():
                 shutil.rmtree(dst)
-            shutil.copytree(tokenizer_dir, dst)
+            dst.mkdir()
+            (dst / "spm.model").write_bytes(tokenizer_model)
         faults.checkpoint_point("after_state", step)
         fsync_tree(tag_dir)
     except (OSError, RuntimeError) as e:

@@ -23,7 +23,6 @@ class Preflight:
     precision: str
     manifest: object
     tokenizer: object
-    tokenizer_dir: Path
     init_from: object = None
     """launch.train.init_from.InitSource when model.init_from is set: the checked folder whose shape the model takes."""
 
@@ -46,7 +45,7 @@ def preflight(cfg: RunConfig, world_size: int) -> Preflight:
     problems = _check_sources(cfg, manifest) + _check_cache(cfg)
     if problems:
         raise ConfigError(problems)
-    return Preflight(ds_config, precision, manifest, tok, tok_path.parent, _init_source(cfg, tok))
+    return Preflight(ds_config, precision, manifest, tok, _init_source(cfg, tok))
 
 
 def _check_sources(cfg: RunConfig, first: Manifest) -> list[str]:

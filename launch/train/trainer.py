@@ -138,7 +138,7 @@ class Trainer:
         self.zero_stage = int(pre.ds_config["zero_optimization"].get("stage", 0))
         device_name = torch.cuda.get_device_name(self.device) if has_gpu else "CPU"
         self.hardware = f"{self.world} x {device_name} ({pre.precision}, ZeRO-{self.zero_stage})"
-        self.manifest, self.tokenizer_dir = pre.manifest, pre.tokenizer_dir
+        self.manifest, self.tokenizer_model = pre.manifest, pre.tokenizer.model_bytes
         self.tok_info = token_info(pre.tokenizer)
         self.enc_cfg = encoder_config(cfg, pre)
         # Everything above is validation a user can fix; only now start the process group.
@@ -263,7 +263,7 @@ class Trainer:
                               **self.read_options())
         if stream.manifest.tokenizer_sha256 != self.manifest.tokenizer_sha256:
             raise ConfigError([f"data.sources were prepared with another tokenizer than data.path ({d.path}); "
-                               f"prepare every source with `launch.prepare --tokenizer {pre.tokenizer_dir}/spm.model`"])
+                               f"prepare every source with `launch.prepare --tokenizer {pre.tokenizer.path}`"])
         identity = data_identity(self.manifest.tokenizer_sha256,
                                  [(spec, src.manifest) for (spec, _), src in zip(sources, stream.sources, strict=True)])
         return stream, identity
@@ -346,7 +346,7 @@ class Trainer:
                 f"{self.ckpt_dir / latest if latest else 'none yet'}. Resume from it with a lower train.lr or "
                 f"train.grad_clip, or check the data around this position")
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, self._rank_state(), self._run_info(),
-                              self.tokenizer_dir, self.cfg.train.keep_checkpoints, self.faults)
+                              self.tokenizer_model, self.cfg.train.keep_checkpoints, self.faults)
         log0(self.rank, f"checkpoint {self.ckpt_dir / tag}")
         return tag
 
