@@ -110,8 +110,13 @@ def test_out_that_exists_is_refused_and_kept(run, tmp_path, capsys):
 
 def test_failure_after_writing_leaves_nothing(run, tmp_path, capsys):
     # A tokenizer.json that disagrees with spm.model passes every up-front check; the verify step finds it after
-    # the weights are written. The temporary folder must go, and --out must not appear.
-    tok_file = tag_dir(run) / "tokenizer" / "tokenizer.json"
+    # the weights are written. The temporary folder must go, and --out must not appear. (cloze's checkpoints keep
+    # spm.model alone, and the export converts it; a checkpoint that brings its own tokenizer.json is read too.)
+    from data.hf_tokenizer import write_hf_tokenizer
+
+    folder = tag_dir(run) / "tokenizer"
+    write_hf_tokenizer(folder / "spm.model", folder, model_max_length=256)
+    tok_file = folder / "tokenizer.json"
     tok = json.loads(tok_file.read_text())
     tok["normalizer"] = {"type": "Lowercase"}
     tok_file.write_text(json.dumps(tok))

@@ -200,7 +200,9 @@ class Trainer:
         tokens_per_step = t.micro_batch_size * t.grad_accum * self.world * self.cfg.data.seq_len
         log0(self.rank, f"batch: micro {t.micro_batch_size} x accum {t.grad_accum} x world {self.world} = "
                         f"{ds_config['train_batch_size']} rows x {self.cfg.data.seq_len} tokens = "
-                        f"{tokens_per_step} tokens/step")
+                        f"{tokens_per_step} tokens/step"
+             + ("; train.batch_warmup and data.seq_len_phases move it (--dry-run prints the phases)"
+                if t.batch_warmup is not None or self.cfg.data.seq_len_phases else ""))
 
     def _head_loss(self) -> str:
         if self.cfg.train.head_loss == "fused" and self.zero_stage == 3:
