@@ -14,6 +14,16 @@ from tests.data_helpers import web_and_code
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Every test on the local Slurm cluster joins one xdist group, so under `-n` they run in one worker, one after
+    another: there is one cluster and one job queue, and a test that waits for its job's requeue must not find
+    another test's job on its nodes."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
 # A slice of the interpreter's own stdlib: real text (code, docstrings, comments), present on every machine.
 CORPUS_PACKAGES = ("json", "email", "logging", "urllib", "http")
 
