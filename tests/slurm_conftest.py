@@ -122,12 +122,25 @@ class Run:
         return self.problem or diagnostics(self.job_id, self.log)
 
 
+def _send_due_signals(runs: list[Run], after_steps: int) -> None:
+    """Signal every running job that wants a signal and has logged `after_steps` steps."""
+    for r in runs:
+        if r.signal and r.signalled_after_step is None:
+            steps = metrics(r.out_dir)
+            if len(steps) >= after_steps:
+                info = client.job_info(r.job_id)
+                if info is not None and info.state == "RUNNING":
+                    client.signal(r.job_id, r.signal)
+                    r.signalled_after_step = steps[-1]["step"]
+
+
 def drive(runs: list[Run], timeout: float, signal_after_steps: int = 3, poll_s: float = 0.3) -> None:
     """Watch every job until it ends: signal the ones that want it once they logged a few steps, and record
     launch.status snapshots on the way. Never hangs: past `timeout` the rest are cancelled with diagnostics."""
     deadline = time.monotonic() + timeout
     pending = [r for r in runs if r.job_id]
     while pending:
+        _send_due_signals(pending, signal_after_steps)  # first, so the slow snapshots below cannot delay them
         for r in list(pending):
             info = client.job_info(r.job_id)
             if info is None:
@@ -135,12 +148,8 @@ def drive(runs: list[Run], timeout: float, signal_after_steps: int = 3, poll_s: 
                 pending.remove(r)
                 continue
             if info.state == "RUNNING" and "running" not in r.snapshots and metrics(r.out_dir):
-                r.snapshots["running"] = status_json(r.job_id)
-            if r.signal and r.signalled_after_step is None and info.state == "RUNNING":
-                steps = metrics(r.out_dir)
-                if len(steps) >= signal_after_steps:
-                    client.signal(r.job_id, r.signal)
-                    r.signalled_after_step = steps[-1]["step"]
+                r.snapshots["running"] = status_json(r.job_id)  # a launch.status process: seconds on a busy machine
+                _send_due_signals(pending, signal_after_steps)
             if info.restart_count >= 1 and info.state != "RUNNING" and "requeued" not in r.snapshots:
                 r.snapshots["requeued"] = status_json(r.job_id)
             if info.finished:
