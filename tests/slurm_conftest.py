@@ -84,6 +84,16 @@ def metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
+def status_now(job_id: str) -> dict:
+    """What `launch.status JOB --json` prints, computed in this process: a snapshot of a running job must not wait
+    for an interpreter to start (seconds on a busy machine, in which a short job may end)."""
+    from launch.status import collect
+
+    s = collect(job_id)
+    assert s is not None, f"launch.status does not know job {job_id}"
+    return json.loads(json.dumps(s))
+
+
 def status_json(job_id: str) -> dict:
     """`python -m launch.status JOB --json`, the real CLI."""
     p = subprocess.run([sys.executable, "-m", "launch.status", job_id, "--json"], cwd=ROOT, capture_output=True,
@@ -122,6 +132,14 @@ class Run:
         return self.problem or diagnostics(self.job_id, self.log)
 
 
+def _snapshot_running(r: Run) -> None:
+    """launch.status of a job that runs, once: kept only if the job still ran when it was taken."""
+    if "running" not in r.snapshots:
+        snap = status_now(r.job_id)
+        if snap["state"] == "RUNNING":
+            r.snapshots["running"] = snap
+
+
 def _send_due_signals(runs: list[Run], after_steps: int) -> None:
     """Signal every running job that wants a signal and has logged `after_steps` steps."""
     for r in runs:
@@ -130,32 +148,45 @@ def _send_due_signals(runs: list[Run], after_steps: int) -> None:
             if len(steps) >= after_steps:
                 info = client.job_info(r.job_id)
                 if info is not None and info.state == "RUNNING":
+                    _snapshot_running(r)  # before the signal ends this start
                     client.signal(r.job_id, r.signal)
                     r.signalled_after_step = steps[-1]["step"]
 
 
 def drive(runs: list[Run], timeout: float, signal_after_steps: int = 3, poll_s: float = 0.3) -> None:
     """Watch every job until it ends: signal the ones that want it once they logged a few steps, and record
-    launch.status snapshots on the way. Never hangs: past `timeout` the rest are cancelled with diagnostics."""
+    launch.status snapshots on the way. Never hangs: past `timeout` the rest are cancelled with diagnostics.
+    Inside the loop everything is quick (scontrol, file reads, launch.status in this process), so a short job is
+    seen running on a busy machine; the real CLI's final reports are taken once every job has ended (Slurm keeps a
+    finished job for MinJobAge, minutes)."""
     deadline = time.monotonic() + timeout
     pending = [r for r in runs if r.job_id]
+    finished = []
+    try:
+        _watch(pending, finished, deadline, timeout, signal_after_steps, poll_s)
+    finally:
+        for r in finished:
+            r.snapshots["final"] = status_json(r.job_id)
+            r.final_text = subprocess.run([sys.executable, "-m", "launch.status", r.job_id], cwd=ROOT,
+                                          capture_output=True, text=True, timeout=60).stdout
+
+
+def _watch(pending: list[Run], finished: list[Run], deadline: float, timeout: float, signal_after_steps: int,
+           poll_s: float) -> None:
     while pending:
-        _send_due_signals(pending, signal_after_steps)  # first, so the slow snapshots below cannot delay them
+        _send_due_signals(pending, signal_after_steps)
         for r in list(pending):
             info = client.job_info(r.job_id)
             if info is None:
                 r.problem = f"job {r.job_id} vanished from the controller\n" + diagnostics(r.job_id, r.log)
                 pending.remove(r)
                 continue
-            if info.state == "RUNNING" and "running" not in r.snapshots and metrics(r.out_dir):
-                r.snapshots["running"] = status_json(r.job_id)  # a launch.status process: seconds on a busy machine
-                _send_due_signals(pending, signal_after_steps)
+            if info.state == "RUNNING" and metrics(r.out_dir):
+                _snapshot_running(r)
             if info.restart_count >= 1 and info.state != "RUNNING" and "requeued" not in r.snapshots:
-                r.snapshots["requeued"] = status_json(r.job_id)
+                r.snapshots["requeued"] = status_now(r.job_id)
             if info.finished:
-                r.snapshots["final"] = status_json(r.job_id)
-                r.final_text = subprocess.run([sys.executable, "-m", "launch.status", r.job_id], cwd=ROOT,
-                                              capture_output=True, text=True, timeout=60).stdout
+                finished.append(r)
                 pending.remove(r)
         if pending and time.monotonic() > deadline:
             for r in pending:

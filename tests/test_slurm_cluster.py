@@ -44,8 +44,12 @@ def runs(slurm_cluster, tiny_data, tmp_path_factory):  # noqa: F811
     by_name = {name: Run(name, base / name, sig) for name, sig in (("full", None), ("USR1", "USR1"),
                                                                   ("TERM", "TERM"))}
     try:
-        for run in by_name.values():
-            submit(run, tiny_data)
+        # All three at once: every submission starts an interpreter (seconds on a busy machine), and the watcher,
+        # which starts after them, must still see each job running.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda run: submit(run, tiny_data), list(by_name.values())))
         # The export job waits for the uninterrupted run (afterok) and then reads its checkpoint.
         full = by_name["full"]
         # The export goes beside the run (an --out inside the run it exports is refused); its log beside it too.
@@ -141,6 +145,7 @@ def test_status_reports_each_training_job(runs):
         if name == "export":
             continue
         assert not run.problem, run.why()
+        assert {"running", "final"} <= set(run.snapshots), (name, sorted(run.snapshots), run.why())
         running, final = run.snapshots["running"], run.snapshots["final"]
         assert running["state"] == "RUNNING" and running["nodes"] == ["n1", "n2"], running
         assert running["last_step"] is not None and 1 <= running["last_step"] <= STEPS, running
