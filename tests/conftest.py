@@ -19,10 +19,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_collection_modifyitems(config, items):
     """Every test on the local Slurm cluster joins one xdist group, so under `-n` they run in one worker, one after
     another: there is one cluster and one job queue, and a test that waits for its job's requeue must not find
-    another test's job on its nodes."""
-    for item in items:
+    another test's job on its nodes. The other slow and multi-process tests are grouped by module, so a module's
+    expensive fixtures (trained runs, exports) are built once, in one worker. The longest work goes first (xdist
+    hands tests out in this order): the Slurm group, then slow tests, then multi-process ones, so no worker is left
+    alone with a long tail at the end."""
+    def rank(item) -> int:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2 if item.get_closest_marker("distributed") else 3
+
+    for item in items:
+        r = rank(item)
+        if r < 3:
+            item.add_marker(pytest.mark.xdist_group("slurm" if r == 0 else item.nodeid.split("::")[0]))
+    items.sort(key=rank)  # stable: within a rank, the collection order (a module's fixtures stay together)
 
 # A slice of the interpreter's own stdlib: real text (code, docstrings, comments), present on every machine.
 CORPUS_PACKAGES = ("json", "email", "logging", "urllib", "http")
