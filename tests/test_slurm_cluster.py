@@ -18,7 +18,7 @@ from launch.slurm import client
 from tests.conftest import run_cli
 from tests.slurm_conftest import Run, drive, metrics, slurm_cluster  # noqa: F401  (slurm_cluster: a fixture)
 
-STEPS = 100
+STEPS = 60
 """Long enough that a signal sent after step 3 lands before the end even on a busy machine (a step takes ~0.1-0.3 s
 here; the tests run beside another pytest worker)."""
 TIMEOUT_S = 420
