@@ -89,6 +89,8 @@ def test_compiled_blocks_run_compiled_inside_the_checkpoint():
     """compile_layers under checkpointing: the checkpoint wraps the compiled block, so both the forward and the
     backward's recomputation run the compiled graph (fullgraph: a graph break would be an error), with the same
     loss and gradients as the uncompiled model without checkpointing."""
+    # dynamo's recompile count is per process: layers compiled by earlier tests in this worker must not use it up
+    torch._dynamo.reset()
     graphs, runs = [], []
 
     def backend(gm, example_inputs):
