@@ -320,6 +320,13 @@ class Loader:
             self._workers, self._next = iter(loader), 0
         try:
             ids, docs, worker, state, opened = next(self._workers)
+        except (ConnectionError, EOFError) as exc:
+            # A batch a worker queued before it died carries its tensors as file descriptors that only the live
+            # worker can hand over: reading it fails here rather than in DataLoader's own dead-worker check.
+            self.close()
+            where = f"data loader worker (rank {self.config.rank})"
+            raise RuntimeError(f"{where} died while handing over a batch ({type(exc).__name__}: {exc}); "
+                               "a restarted run resumes from its last checkpoint") from exc
         except Exception:
             self.close()
             raise
