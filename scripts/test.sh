@@ -19,4 +19,4 @@ fi
 # Two pytest workers (CLOZE_TEST_WORKERS; 0 runs in one process): the suite's time is mostly 2-rank jobs starting
 # up and waiting on each other, which leaves a second job room on 2 cores. Tests on the one local Slurm cluster run
 # in one worker, one after another (tests/conftest.py).
-.venv/bin/python -m pytest -n "${CLOZE_TEST_WORKERS:-2}" --dist loadgroup "$@"
+.venv/bin/python -m pytest -n "${CLOZE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

@@ -15,24 +15,48 @@ from tests.data_helpers import web_and_code
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+SLURM_MODULES = ("tests/test_slurm_client.py", "tests/test_slurm_cluster.py")
+"""The modules whose tests use the one local Slurm cluster: under `-n` they run in one worker, one after another
+(there is one job queue, and a test that waits for its job's requeue must not find another test's job on its
+nodes)."""
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test on the local Slurm cluster joins one xdist group, so under `-n` they run in one worker, one after
-    another: there is one cluster and one job queue, and a test that waits for its job's requeue must not find
-    another test's job on its nodes. The other slow and multi-process tests are grouped by module, so a module's
-    expensive fixtures (trained runs, exports) are built once, in one worker. The longest work goes first (xdist
-    hands tests out in this order): the Slurm group, then slow tests, then multi-process ones, so no worker is left
-    alone with a long tail at the end."""
+    """Order the tests so the longest work goes first (xdist hands modules out in this order): the Slurm modules,
+    then modules with slow tests, then multi-process ones, then the rest; no worker is left alone with a long tail.
+    A test that uses the cluster outside SLURM_MODULES is refused, as it would run beside the Slurm modules."""
     def rank(item) -> int:
-        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+        if module(item) in SLURM_MODULES:
             return 0
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} uses the Slurm cluster: add its module to SLURM_MODULES "
+                                    "in tests/conftest.py")
         return 1 if item.get_closest_marker("slow") else 2 if item.get_closest_marker("distributed") else 3
 
+    def module(item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    ranks: dict[str, int] = {}
     for item in items:
-        r = rank(item)
-        if r < 3:
-            item.add_marker(pytest.mark.xdist_group("slurm" if r == 0 else item.nodeid.split("::")[0]))
-    items.sort(key=rank)  # stable: within a rank, the collection order (a module's fixtures stay together)
+        ranks[module(item)] = min(ranks.get(module(item), 3), rank(item))
+    items.sort(key=lambda item: ranks[module(item)])  # stable: a module stays together, at its slowest rank
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with the Slurm modules as one unit: each module runs whole in one worker, so a module's
+    expensive fixtures (trained runs, exports) are built once, and the cluster serves one test at a time."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModulesAndSlurm(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "slurm" if path in SLURM_MODULES else path
+
+    return ModulesAndSlurm(config, log)
+
 
 # A slice of the interpreter's own stdlib: real text (code, docstrings, comments), present on every machine.
 CORPUS_PACKAGES = ("json", "email", "logging", "urllib", "http")
