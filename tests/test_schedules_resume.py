@@ -22,6 +22,7 @@ def test_resume_at_a_knot_is_bit_exact(tiny_data, tmp_path):
               "objectives.params.mlm.rate=[[50%, 0.4], [100%, 0.1]]"]
     whole, cut = run_whole_and_cut(common, tmp_path, stop_at=6, max_steps=12)
     assert [r["loss"] for r in cut] == [r["loss"] for r in whole]  # fp32 CPU, same world: exactly equal
+    assert [r["lr"] for r in cut] == [r["lr"] for r in whole]
     assert [r["schedule"] for r in cut] == [r["schedule"] for r in whole]
     # The realised objectives follow the hold schedule: causal only before the knot, MLM only from it.
     assert all(set(r["loss"]) == {"causal"} for r in whole[:6])
@@ -45,19 +46,15 @@ def _steps(out_dir) -> list[dict]:
 def test_batch_warmup_accumulates_and_resumes_exactly(tiny_data, tmp_path):
     """train.batch_warmup: one micro-batch per step for steps 1-3, two from step 4 (the engine is built for two).
     Steps 1-3 train exactly as a run of one micro-batch per step; stopped at the knot and resumed, the run equals
-    the uninterrupted one bit for bit; a warm-up that holds grad_accum throughout equals no warm-up."""
+    the uninterrupted one bit for bit."""
     base = ["launch.train", "--config", "launch/configs/tiny.yaml", "--nproc", "2", f"data.path={tiny_data}",
             "train.precision=fp32", "train.max_steps=6", "train.log_every=3", "train.micro_batch_size=4"]
     warm = [*base, "train.grad_accum=2", "train.batch_warmup={hold: [[0, 1], [3, 2]]}"]
     whole, cut = run_whole_and_cut(warm, tmp_path, stop_at=3, max_steps=6)
-    run_cli([*base, "train.grad_accum=1", f"out_dir={tmp_path / 'one'}"], check=True)
-    run_cli([*base, "train.grad_accum=2", f"out_dir={tmp_path / 'two'}"], check=True)
-    run_cli([*base, "train.grad_accum=2", "train.batch_warmup={hold: [[0, 2]]}", f"out_dir={tmp_path / 'held'}"],
-            check=True)
+    run_cli([*base, "train.grad_accum=1", "train.stop_at=3", f"out_dir={tmp_path / 'one'}"], check=True)
 
     assert [r["loss"] for r in cut] == [r["loss"] for r in whole]
     assert [r["schedule"]["train.grad_accum"] for r in whole] == [1, 1, 1, 2, 2, 2]
-    assert [r["loss"] for r in whole[:3]] == [r["loss"] for r in _steps(tmp_path / "one")[:3]]
-    assert [r["loss"] for r in _steps(tmp_path / "held")] == [r["loss"] for r in _steps(tmp_path / "two")]
+    assert [r["loss"] for r in whole[:3]] == [r["loss"] for r in _steps(tmp_path / "one")]
     summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert summary["tokens_seen"] == (3 * 1 + 3 * 2) * 4 * 2 * 64  # micro-batches x rows x ranks x seq_len

@@ -1,6 +1,6 @@
-"""Resuming on a different world size: ZeRO-2 from 2 ranks to 1, ZeRO-3 from 1 rank to 2 (universal checkpoint);
-a run reshaped 2 -> 3 -> 1 ranks with the global batch unchanged trains on the same rows, and so has the same
-loss curve, as a run that never changed; another data.num_workers continues the same rows."""
+"""Resuming on a different world size: ZeRO-3 from 1 rank to 2 (universal checkpoint); a ZeRO-2 run reshaped
+2 -> 3 -> 1 ranks, with the global batch unchanged and another data.num_workers each time, trains on the same rows,
+and so has the same loss curve, weights and loader position, as a run that never changed."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def steps_of(out):
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-@pytest.mark.parametrize("stage, before, after", [(2, 2, 1), (3, 1, 2)])
+@pytest.mark.parametrize("stage, before, after", [(3, 1, 2)])
 def test_resume_on_another_world_size(stage, before, after, tiny_data, tmp_path):
     out = tmp_path / "run"
     common = ["launch.train", "--config", "launch/configs/tiny.yaml", f"data.path={tiny_data}", f"out_dir={out}",
@@ -93,19 +93,6 @@ def test_a_run_reshaped_2_3_1_has_the_loss_curve_of_an_unreshaped_run(tiny_data,
     # and the loader stands where the uninterrupted run's does: the same global row and source position
     assert stream_state(out, 9, 0) == stream_state(plain, 9, 0) == stream_state(plain, 9, 1)
     assert stream_state(out, 9, 0)["rows"] == 9 * 12
+    layout = json.loads((out / "checkpoints" / "step_00000009" / "trainer_state_rank0.json").read_text())
+    assert layout["stream"]["layout"]["num_workers"] == 2  # the state records the layout that wrote it
 
-
-def test_resume_with_another_num_workers(tiny_data, tmp_path):
-    """Same world, data.num_workers 0 -> 2: the loader's position does not depend on the workers, so the run
-    continues with the same rows, and the loader ends where an uninterrupted run's does."""
-    out, plain = tmp_path / "run", tmp_path / "plain"
-    common = ["launch.train", "--config", "launch/configs/tiny.yaml", "--nproc", "2", f"data.path={tiny_data}",
-              "train.max_steps=12", "train.log_every=4"]
-    run_cli([*common, f"out_dir={out}", "data.num_workers=0", "train.stop_at=6"], check=True)
-    proc = run_cli([*common, f"out_dir={out}", "data.num_workers=2"], check=True)
-    assert "resumed from" in proc.stderr and "at step 6" in proc.stderr, proc.stderr[-3000:]
-    assert [r["step"] for r in steps_of(out)] == list(range(1, 13)), "a gap or a repeated step"
-    run_cli([*common, f"out_dir={plain}", "data.num_workers=0"], check=True)
-    assert stream_state(out, 12, 1) == stream_state(plain, 12, 1)
-    layout = json.loads((out / "checkpoints" / "step_00000012" / "trainer_state_rank0.json").read_text())
-    assert layout["stream"]["layout"]["num_workers"] == 2
