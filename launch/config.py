@@ -276,8 +276,9 @@ class TrainConfig:
     micro_batch_size, so memory and compiled shapes (train.compile) never change; DeepSpeed is built for grad_accum,
     so ZeRO's buffers and bucket sizes are those of the full batch from the first step. None: grad_accum always."""
     lr_follows: LrFollows = "steps"
-    """'steps', or 'tokens': under batch_warmup the LR schedule (warm-up, decay) runs on the share of the run's
-    tokens seen rather than the share of steps."""
+    """'steps', or 'tokens': under batch_warmup or seq_len_phases the LR schedule (warm-up, decay) runs on the
+    share of the run's tokens seen rather than the share of steps. warmup_steps then counts steps' worth of tokens:
+    the LR is at its peak once warmup_steps / max_steps of the run's tokens are seen."""
     max_steps: int = 200
     """Optimizer steps of the whole run (the LR schedule spans these)."""
     stop_at: int = 0
