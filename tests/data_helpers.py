@@ -125,3 +125,19 @@ def web_and_code(root: Path):
     code_docs = [d + 191 for d in random_docs(40, seed=2, high=259, max_len=120)]
     return ((root / "web", web_docs, dataset_dir(root / "web", web_docs, max_documents=5)),
             (root / "code", code_docs, dataset_dir(root / "code", code_docs, max_documents=5)))
+
+
+def per_rank_batches(configs, steps: int, state=None) -> list[list[tuple]]:
+    """Per rank, the first `steps` batches (ids, doc ids as numpy arrays) of one Loader per config, each loaded
+    from `state` first when given; the loaders are closed."""
+    from data.loader import Loader
+
+    loaders = [Loader(c) for c in configs]
+    try:
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(state)
+        return [[tuple(t.numpy() for t in next(loader)) for _ in range(steps)] for loader in loaders]
+    finally:
+        for loader in loaders:
+            loader.close()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from data.loader import BadDataError, Loader, LoaderConfig, build_loader
-from tests.data_helpers import dataset_dir, random_docs
+from tests.data_helpers import dataset_dir, per_rank_batches, random_docs
 
 SEQ, BATCH = 40, 2
 
@@ -35,17 +35,9 @@ def config(sources, **kw) -> LoaderConfig:
 
 def global_rows(sources, world: int, workers: int, batch: int, steps: int, state=None, **kw) -> np.ndarray:
     """The rows every rank of a world hands out in `steps` batches, put back in global order (step, then rank)."""
-    loaders = [Loader(config(sources, rank=r, world_size=world, num_workers=workers, batch_size=batch, **kw))
-               for r in range(world)]
-    try:
-        for loader in loaders:
-            if state is not None:
-                loader.load_state_dict(state)
-        got = [[next(loader)[0].numpy() for _ in range(steps)] for loader in loaders]
-    finally:
-        for loader in loaders:
-            loader.close()
-    return np.concatenate([got[r][k] for k in range(steps) for r in range(world)])
+    got = per_rank_batches([config(sources, rank=r, world_size=world, num_workers=workers, batch_size=batch, **kw)
+                            for r in range(world)], steps, state)
+    return np.concatenate([got[r][k][0] for k in range(steps) for r in range(world)])
 
 
 def test_global_order_does_not_depend_on_world_size_workers_or_batch_size(web, code):

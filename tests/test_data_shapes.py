@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data.loader import Loader, LoaderConfig
+from tests.data_helpers import per_rank_batches
 
 SEQ, BATCH = 40, 4
 KNOT = 8 * BATCH  # global row of the switch: after 8 steps of a world of 1 (4 of a world of 2, batch 4)
@@ -25,16 +26,8 @@ def rank_batches(sources, world: int, steps: int, batch: int = BATCH, long_batch
                  **kw) -> list[list[tuple[np.ndarray, np.ndarray]]]:
     """Per global step, every rank's batch in rank order."""
     shapes = [(KNOT, LONG, long_batch)]
-    loaders = [Loader(config(sources, rank=r, world_size=world, batch_size=batch, shapes=shapes, **kw))
-               for r in range(world)]
-    try:
-        for loader in loaders:
-            if state is not None:
-                loader.load_state_dict(state)
-        got = [[tuple(t.numpy() for t in next(loader)) for _ in range(steps)] for loader in loaders]
-    finally:
-        for loader in loaders:
-            loader.close()
+    got = per_rank_batches([config(sources, rank=r, world_size=world, batch_size=batch, shapes=shapes, **kw)
+                            for r in range(world)], steps, state)
     return [[got[r][k] for r in range(world)] for k in range(steps)]
 
 
