@@ -21,25 +21,27 @@ SLURM_MODULES = ("tests/test_slurm_client.py", "tests/test_slurm_cluster.py")
 nodes)."""
 
 
+def module_of(nodeid: str) -> str:
+    """The test module a test id belongs to, e.g. 'tests/test_train.py'."""
+    return nodeid.split("::", 1)[0]
+
+
 def pytest_collection_modifyitems(config, items):
     """Order the tests so the longest work goes first (xdist hands modules out in this order): the Slurm modules,
     then modules with slow tests, then multi-process ones, then the rest; no worker is left alone with a long tail.
     A test that uses the cluster outside SLURM_MODULES is refused, as it would run beside the Slurm modules."""
     def rank(item) -> int:
-        if module(item) in SLURM_MODULES:
+        if module_of(item.nodeid) in SLURM_MODULES:
             return 0
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
             raise pytest.UsageError(f"{item.nodeid} uses the Slurm cluster: add its module to SLURM_MODULES "
                                     "in tests/conftest.py")
         return 1 if item.get_closest_marker("slow") else 2 if item.get_closest_marker("distributed") else 3
 
-    def module(item) -> str:
-        return item.nodeid.split("::", 1)[0]
-
     ranks: dict[str, int] = {}
     for item in items:
-        ranks[module(item)] = min(ranks.get(module(item), 3), rank(item))
-    items.sort(key=lambda item: ranks[module(item)])  # stable: a module stays together, at its slowest rank
+        ranks[module_of(item.nodeid)] = min(ranks.get(module_of(item.nodeid), 3), rank(item))
+    items.sort(key=lambda item: ranks[module_of(item.nodeid)])  # stable: a module stays together, at its slowest
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -52,8 +54,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ModulesAndSlurm(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return "slurm" if path in SLURM_MODULES else path
+            return "slurm" if module_of(nodeid) in SLURM_MODULES else module_of(nodeid)
 
     return ModulesAndSlurm(config, log)
 
