@@ -17,6 +17,6 @@ if [ "$(id -u)" = 0 ]; then
   export CLOZE_REQUIRE_SLURM=1
 fi
 # Two pytest workers (CLOZE_TEST_WORKERS; 0 runs in one process): the suite's time is mostly 2-rank jobs starting
-# up and waiting on each other, which leaves a second job room on 2 cores. Tests on the one local Slurm cluster run
-# in one worker, one after another (tests/conftest.py).
+# up and waiting on each other, which leaves a second job room on 2 cores. Each test module runs whole in one
+# worker (its fixtures are built once); the Slurm modules run together, one test at a time (tests/conftest.py).
 .venv/bin/python -m pytest -n "${CLOZE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
